@@ -1,0 +1,51 @@
+# TokenFlow developer commands. Every target creates what it needs on first
+# use: a virtual environment in .venv (Python 3.11+) and, for buf, the npm
+# package @bufbuild/buf in node_modules.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+BUF := node_modules/.bin/buf
+PROTO_DEPS := build/proto-deps/google/api
+PYTEST_ARGS ?=
+
+.PHONY: install serve test proto lint proto-deps clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit("Python 3.11 or newer is required, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+$(BUF): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $(BUF)
+
+# google/api/annotations.proto and http.proto come from the
+# googleapis-common-protos wheel, because buf cannot reach its registry here.
+proto-deps: $(STAMP)
+	mkdir -p $(PROTO_DEPS)
+	cp "$$($(BIN)/python -c 'import google.api, os; print(os.path.dirname(google.api.__file__))')"/annotations.proto $(PROTO_DEPS)/
+	cp "$$($(BIN)/python -c 'import google.api, os; print(os.path.dirname(google.api.__file__))')"/http.proto $(PROTO_DEPS)/
+
+serve: $(STAMP)
+	$(BIN)/tokenflow serve
+
+test: $(STAMP) $(BUF) proto-deps
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+proto: $(STAMP) $(BUF) proto-deps
+	$(BUF) lint
+	$(BIN)/python tools/gen_proto.py
+
+lint: $(STAMP) $(BUF) proto-deps
+	$(BUF) lint
+	$(BIN)/ruff check tokenflow_grpc tests tools
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) node_modules build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,256 @@
+"""The activity stream: events in a capped Valkey stream, read by one reader
+per process and fanned out to watchers through bounded queues."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncIterator, Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import RedisError
+
+logger = logging.getLogger(__name__)
+
+# Event types as stored in the stream's "type" field.
+TYPE_REQUEST = "request"
+TYPE_CACHE_HIT = "cache_hit"
+TYPE_CACHE_MISS = "cache_miss"
+TYPE_RATE_LIMITED = "rate_limited"
+EVENT_TYPES = (TYPE_REQUEST, TYPE_CACHE_HIT, TYPE_CACHE_MISS, TYPE_RATE_LIMITED)
+
+PROMPT_EXCERPT_CHARS = 50
+STREAM_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+
+_READ_COUNT = 500
+_RETRY_MIN_SECONDS = 0.05
+_RETRY_MAX_SECONDS = 2.0
+
+
+def parse_stream_id(text: str) -> tuple[int, int]:
+    """Split a stream id "ms-seq" (or "ms") into numbers; raise ValueError when malformed."""
+    if not STREAM_ID.match(text):
+        raise ValueError(f"invalid stream id {text!r}: expected MILLISECONDS-SEQUENCE")
+    ms, _, sequence = text.partition("-")
+    return int(ms), int(sequence or 0)
+
+
+@dataclass(frozen=True)
+class ActivityEvent:
+    id: str
+    type: str
+    client: str
+    prompt: str
+    model: str
+    cached: bool
+    blocked: bool
+
+    @property
+    def time_ms(self) -> int:
+        return parse_stream_id(self.id)[0]
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return parse_stream_id(self.id)
+
+    @classmethod
+    def from_entry(cls, entry_id: str, fields: dict[str, str]) -> ActivityEvent:
+        return cls(
+            id=entry_id,
+            type=fields.get("type", ""),
+            client=fields.get("client", ""),
+            prompt=fields.get("prompt", ""),
+            model=fields.get("model", ""),
+            cached=fields.get("cached") == "1",
+            blocked=fields.get("blocked") == "1",
+        )
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One watcher's bounded queue and the number of events it lost."""
+
+    queue: asyncio.Queue[ActivityEvent | None]
+    types: frozenset[str]
+    dropped: int = 0
+
+    def offer(self, event: ActivityEvent) -> None:
+        if self.types and event.type not in self.types:
+            return
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    def end(self) -> None:
+        """Make the watcher's stream finish after the events already queued."""
+        if self.queue.full():
+            self.queue.get_nowait()
+            self.dropped += 1
+        self.queue.put_nowait(None)
+
+
+@dataclass
+class _Reader:
+    task: asyncio.Task[None]
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class ActivityHub:
+    """Fans the activity stream out to this process's watchers.
+
+    One reader task runs while at least one watcher is subscribed, so any
+    number of watchers cost one Valkey connection. A watcher whose queue is
+    full loses the event and is told how many it lost with its next event.
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        stream_key: str,
+        queue_size: int,
+        block_ms: int | None = 1000,
+        poll_seconds: float = 0.05,
+    ) -> None:
+        """block_ms: XREAD BLOCK time; None polls every poll_seconds instead
+        (for backends without blocking reads)."""
+        self.redis = redis
+        self._stream_key = stream_key
+        self._queue_size = queue_size
+        self._block_ms = block_ms
+        self._poll_seconds = poll_seconds
+        self._subscribers: set[Subscription] = set()
+        self._reader: _Reader | None = None
+
+    @property
+    def watcher_count(self) -> int:
+        return len(self._subscribers)
+
+    @property
+    def reader_running(self) -> bool:
+        return self._reader is not None and not self._reader.task.done()
+
+    async def recent(self, count: int) -> list[ActivityEvent]:
+        """Return the latest count events, newest first."""
+        entries = await self.redis.xrevrange(self._stream_key, count=count)
+        return [ActivityEvent.from_entry(entry_id, fields) for entry_id, fields in entries]
+
+    async def subscribe(self, types: Collection[str] = ()) -> Subscription:
+        """Register a watcher; events added after this returns reach its queue."""
+        subscription = Subscription(asyncio.Queue(self._queue_size), frozenset(types))
+        self._subscribers.add(subscription)
+        reader = self._ensure_reader()
+        await reader.ready.wait()
+        return subscription
+
+    @contextlib.asynccontextmanager
+    async def subscription(self, types: Collection[str] = ()) -> AsyncIterator[Subscription]:
+        """Subscribe for the duration of a with-block."""
+        subscription = await self.subscribe(types)
+        try:
+            yield subscription
+        finally:
+            self.unsubscribe(subscription)
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        """Remove a watcher; the reader stops with the last one."""
+        self._subscribers.discard(subscription)
+        if not self._subscribers and self._reader is not None:
+            self._reader.task.cancel()
+            self._reader = None
+
+    async def watch(
+        self, subscription: Subscription, since_id: str = ""
+    ) -> AsyncIterator[tuple[ActivityEvent, int]]:
+        """Yield (event, events dropped before it) for a subscribed watcher.
+
+        With since_id, the events after it that are still in the stream come
+        first, then live events, each once and in stream order.
+        """
+        last = parse_stream_id(since_id) if since_id else (0, 0)
+        if since_id:
+            entries = await self.redis.xrange(self._stream_key, min=since_id, max="+")
+            for entry_id, fields in entries:
+                event = ActivityEvent.from_entry(entry_id, fields)
+                if event.order <= last:
+                    continue
+                last = event.order
+                if subscription.types and event.type not in subscription.types:
+                    continue
+                yield event, 0
+
+        while True:
+            event = await subscription.queue.get()
+            if event is None:
+                return
+            if event.order <= last:
+                continue
+            last = event.order
+            dropped, subscription.dropped = subscription.dropped, 0
+            yield event, dropped
+
+    async def close(self) -> None:
+        """End every watcher's stream and stop the reader."""
+        for subscription in self._subscribers:
+            subscription.end()
+        self._subscribers.clear()
+        if self._reader is not None:
+            self._reader.task.cancel()
+            try:
+                await self._reader.task
+            except asyncio.CancelledError:
+                pass
+            self._reader = None
+
+    def _ensure_reader(self) -> _Reader:
+        if self._reader is None or self._reader.task.done():
+            ready = asyncio.Event()
+            task = asyncio.create_task(self._read_loop(ready), name="tokenflow-activity-reader")
+            self._reader = _Reader(task, ready)
+        return self._reader
+
+    async def _read_loop(self, ready: asyncio.Event) -> None:
+        last_id = await self._start_position()
+        ready.set()
+        delay = _RETRY_MIN_SECONDS
+        while True:
+            try:
+                if self._block_ms is None:
+                    reply = await self.redis.xread({self._stream_key: last_id}, count=_READ_COUNT)
+                else:
+                    reply = await self.redis.xread(
+                        {self._stream_key: last_id}, count=_READ_COUNT, block=self._block_ms
+                    )
+            except (RedisError, OSError) as error:
+                logger.warning("activity reader failed, retrying in %.2f s: %s", delay, error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_SECONDS)
+                continue
+            if delay > _RETRY_MIN_SECONDS:
+                logger.info("activity reader reconnected, resuming after %s", last_id)
+            delay = _RETRY_MIN_SECONDS
+
+            for _stream, entries in reply or []:
+                for entry_id, fields in entries:
+                    event = ActivityEvent.from_entry(entry_id, fields)
+                    for subscription in list(self._subscribers):
+                        subscription.offer(event)
+                    last_id = entry_id
+            if not reply and self._block_ms is None:
+                await asyncio.sleep(self._poll_seconds)
+
+    async def _start_position(self) -> str:
+        """Return the id of the newest entry, so reading starts with the next one."""
+        delay = _RETRY_MIN_SECONDS
+        while True:
+            try:
+                newest = await self.redis.xrevrange(self._stream_key, count=1)
+                return newest[0][0] if newest else "0-0"
+            except (RedisError, OSError) as error:
+                logger.warning("activity reader cannot reach Valkey, retrying in %.2f s: %s",
+                               delay, error)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _RETRY_MAX_SECONDS)

@@ -1,0 +1,193 @@
+"""The `tokenflow` command: serve, generate, stats, watch, simulate."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from tokenflow_grpc.client import DEFAULT_TARGET, DEFAULT_TIMEOUT, TokenFlowClient
+from tokenflow_grpc.errors import ConfigurationError
+from tokenflow_grpc.settings import Settings, add_arguments, settings_from
+from tokenflow_grpc.v1 import tokenflow_pb2 as pb
+
+logger = logging.getLogger("tokenflow")
+
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+def _print_message(message: Any) -> None:
+    print(json_format.MessageToJson(message, indent=None, preserving_proto_field_name=False))
+
+
+def _print_rpc_error(error: grpc.aio.AioRpcError) -> int:
+    print(f"error: {error.code().name}: {error.details()}", file=sys.stderr)
+    return 1
+
+
+async def serve(settings: Settings) -> None:
+    """Run the server until SIGTERM or SIGINT, then drain and stop."""
+    from tokenflow_grpc.server import TokenFlowServer
+    from tokenflow_grpc.valkey import EmbeddedValkey
+
+    embedded = None
+    if not settings.valkey_url:
+        embedded = EmbeddedValkey(settings.data_dir)
+        settings = Settings(**{**settings.__dict__, "valkey_url": embedded.start()})
+
+    server = TokenFlowServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await server.start()
+        print(f"TokenFlow is serving gRPC on {settings.grpc_address}", flush=True)
+        await stop.wait()
+        await server.stop(SHUTDOWN_GRACE_SECONDS)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+async def generate(arguments: argparse.Namespace) -> int:
+    async with _client(arguments) as client:
+        try:
+            reply = await client.generate(
+                arguments.prompt,
+                model=arguments.model,
+                temperature=arguments.temperature,
+                max_tokens=arguments.max_tokens,
+                skip_cache=arguments.skip_cache,
+            )
+        except grpc.aio.AioRpcError as error:
+            return _print_rpc_error(error)
+    _print_message(reply.response)
+    return 0
+
+
+async def stats(arguments: argparse.Namespace) -> int:
+    async with _client(arguments) as client:
+        try:
+            _print_message(await client.stats(arguments.activity_limit))
+        except grpc.aio.AioRpcError as error:
+            return _print_rpc_error(error)
+    return 0
+
+
+async def simulate(arguments: argparse.Namespace) -> int:
+    async with _client(arguments) as client:
+        try:
+            _print_message(await client.simulate(arguments.count))
+        except grpc.aio.AioRpcError as error:
+            return _print_rpc_error(error)
+    return 0
+
+
+async def watch(arguments: argparse.Namespace) -> int:
+    """Print one JSON event per line until interrupted or --count events."""
+    types = [pb.ActivityType.Value(name) for name in arguments.type]
+    printed = 0
+    async with _client(arguments) as client:
+        try:
+            async for response in client.watch(arguments.since_id, types):
+                _print_message(response)
+                sys.stdout.flush()
+                printed += 1
+                if arguments.count and printed >= arguments.count:
+                    break
+        except grpc.aio.AioRpcError as error:
+            return _print_rpc_error(error)
+    return 0
+
+
+def _client(arguments: argparse.Namespace) -> TokenFlowClient:
+    return TokenFlowClient(arguments.target, timeout=arguments.timeout)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenflow",
+        description="TokenFlow: rate limiter and response cache for AI APIs, over gRPC.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve_parser = commands.add_parser(
+        "serve", help="Run the gRPC server (with an embedded Valkey unless --valkey-url is set)."
+    )
+    add_arguments(serve_parser)
+
+    def client_command(name: str, help: str) -> argparse.ArgumentParser:
+        command = commands.add_parser(name, help=help)
+        command.add_argument(
+            "--target", default=DEFAULT_TARGET, help=f"Server address, HOST:PORT (default {DEFAULT_TARGET})."
+        )
+        command.add_argument(
+            "--timeout", type=float, default=DEFAULT_TIMEOUT,
+            help=f"Deadline of each call, in seconds (default {DEFAULT_TIMEOUT:g}).",
+        )
+        return command
+
+    generate_parser = client_command("generate", "Send one prompt and print the response as JSON.")
+    generate_parser.add_argument("prompt")
+    generate_parser.add_argument("--model", help="Model name (default: the server's).")
+    generate_parser.add_argument("--temperature", type=float, help="Sampling temperature, 0 to 2.")
+    generate_parser.add_argument("--max-tokens", type=int, help="Maximum tokens, 1 to 8192.")
+    generate_parser.add_argument("--skip-cache", action="store_true", help="Bypass the cache.")
+
+    stats_parser = client_command("stats", "Print GetStats as JSON.")
+    stats_parser.add_argument(
+        "--activity-limit", type=int, default=0, help="Events to include (0: the server's 20)."
+    )
+
+    simulate_parser = client_command("simulate", "Run a Simulate burst and print its summary.")
+    simulate_parser.add_argument(
+        "--count", type=int, default=0, help="Requests in the burst (0: the server's 50)."
+    )
+
+    watch_parser = client_command("watch", "Print activity events as JSON lines.")
+    watch_parser.add_argument("--since-id", default="", help="Resume after this event id.")
+    watch_parser.add_argument(
+        "--type", action="append", default=[],
+        choices=[name for name in pb.ActivityType.keys() if not name.endswith("UNSPECIFIED")],
+        help="Only this event type; repeat for several.",
+    )
+    watch_parser.add_argument(
+        "--count", type=int, default=0, help="Stop after this many events (0: never)."
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    if arguments.command == "serve":
+        try:
+            settings = settings_from(arguments)
+        except ConfigurationError as error:
+            print(f"tokenflow serve: {error}", file=sys.stderr)
+            return 2
+        logging.basicConfig(
+            level=settings.log_level,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        asyncio.run(serve(settings))
+        return 0
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    command = {"generate": generate, "stats": stats, "simulate": simulate, "watch": watch}
+    try:
+        return asyncio.run(command[arguments.command](arguments))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

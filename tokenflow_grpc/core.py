@@ -1,0 +1,271 @@
+"""TokenFlow's domain logic over one Valkey connection: Generate's hot path,
+stats, Simulate and activity. No gRPC or HTTP types appear here."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from tokenflow_grpc.activity import PROMPT_EXCERPT_CHARS, ActivityHub
+from tokenflow_grpc.cache import InFlight, cache_key
+from tokenflow_grpc.errors import BackendUnavailableError, GeneratorError, RateLimitedError
+from tokenflow_grpc.generator import GenerationRequest, Generator
+from tokenflow_grpc.keys import NAMESPACE_CLIENT, KeySpace
+from tokenflow_grpc.limiter import Decision
+from tokenflow_grpc.lua import Scripts
+from tokenflow_grpc.settings import Settings
+from tokenflow_grpc.stats import BUCKET_TTL_SECONDS, StatsSnapshot, minute_of, read_stats
+
+logger = logging.getLogger(__name__)
+
+# Outcomes returned by begin_generate.lua and claim_generate.lua.
+OUTCOME_REJECTED = 0
+OUTCOME_HIT = 1
+OUTCOME_MISS = 2
+OUTCOME_WAIT = 3
+OUTCOME_SKIPPED = 4
+
+# Polling interval of a request waiting for another process to fill the cache.
+_WAIT_POLL_MIN_SECONDS = 0.005
+_WAIT_POLL_MAX_SECONDS = 0.1
+# The single-flight lock outlives the generator timeout by this margin.
+_LOCK_MARGIN_SECONDS = 5.0
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    """The answer to one Generate call.
+
+    decision is None when the call was answered without Valkey (fail-open).
+    """
+
+    response: str
+    cached: bool
+    model: str
+    cache_key: str
+    decision: Decision | None
+    event_id: str | None = None
+
+
+class TokenFlow:
+    """Rate limiter, response cache, counters and activity stream over Valkey."""
+
+    def __init__(
+        self,
+        redis: Any,
+        settings: Settings,
+        generator: Generator,
+        clock: Clock = time.time,
+        hub: ActivityHub | None = None,
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.generator = generator
+        self.keys = KeySpace(settings.key_prefix)
+        self.scripts = Scripts.register(redis)
+        self.in_flight = InFlight()
+        self.hub = hub or ActivityHub(redis, self.keys.activity, settings.watch_queue_size)
+        self._clock = clock
+        self._lock_ttl_ms = int((settings.generator_timeout + _LOCK_MARGIN_SECONDS) * 1000)
+
+    def now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    async def ping(self) -> bool:
+        """Return True when Valkey answers PING."""
+        try:
+            return bool(await self.redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def close(self) -> None:
+        await self.hub.close()
+
+    async def generate(
+        self,
+        request: GenerationRequest,
+        client: str,
+        namespace: str = NAMESPACE_CLIENT,
+        skip_cache: bool = False,
+    ) -> GenerateResult:
+        """Rate limit, then answer from the cache or the generator.
+
+        Raises RateLimitedError when the client is over its limit,
+        BackendUnavailableError when Valkey cannot be reached and the policy
+        is deny, and GeneratorError when the generator fails.
+        """
+        key = cache_key(request)
+        token = uuid.uuid4().hex
+        try:
+            now_ms, reply = await self._begin(request, client, namespace, key, token, skip_cache)
+        except (RedisError, OSError) as error:
+            return await self._answer_without_valkey(request, key, error)
+
+        outcome, remaining, reset_at_ms, retry_after_ms, cached_text, event_id = reply
+        decision = Decision(
+            allowed=outcome != OUTCOME_REJECTED,
+            limit=self.settings.rate_limit,
+            remaining=int(remaining),
+            window_ms=self.settings.rate_window_ms,
+            reset_at_ms=int(reset_at_ms),
+            retry_after_ms=int(retry_after_ms),
+            now_ms=now_ms,
+        )
+        if outcome == OUTCOME_REJECTED:
+            raise RateLimitedError(client, decision)
+        if outcome == OUTCOME_HIT:
+            return GenerateResult(cached_text, True, request.model, key, decision, event_id)
+        if outcome == OUTCOME_SKIPPED:
+            text = await self._call_generator(request)
+            return GenerateResult(text, False, request.model, key, decision, event_id)
+        if outcome == OUTCOME_MISS:
+            text = await self._generate_and_store(request, key, token)
+            return GenerateResult(text, False, request.model, key, decision, event_id)
+        return await self._wait_for_fill(request, client, key, token, decision)
+
+    async def _begin(
+        self,
+        request: GenerationRequest,
+        client: str,
+        namespace: str,
+        key: str,
+        token: str,
+        skip_cache: bool,
+    ) -> tuple[int, list[Any]]:
+        now_ms = self.now_ms()
+        minute = minute_of(now_ms)
+        keys = self.keys
+        reply = await self.scripts.begin_generate(
+                keys=[
+                    keys.window(namespace, client),
+                    keys.cache(key),
+                    keys.lock(key),
+                    keys.counters,
+                    keys.requests_bucket(minute),
+                    keys.blocked_bucket(minute),
+                    keys.consumers(minute),
+                    keys.activity,
+                ],
+                args=[
+                    now_ms,
+                    self.settings.rate_limit,
+                    self.settings.rate_window_ms,
+                    token,
+                    self._lock_ttl_ms,
+                    client,
+                    request.prompt[:PROMPT_EXCERPT_CHARS],
+                    request.model,
+                    self.settings.activity_max_events,
+                    "0" if skip_cache else "1",
+                    BUCKET_TTL_SECONDS,
+                ],
+            )
+        return now_ms, list(reply)
+
+    async def _answer_without_valkey(
+        self, request: GenerationRequest, key: str, error: Exception
+    ) -> GenerateResult:
+        if self.settings.on_valkey_error == "deny":
+            logger.warning("Valkey unreachable, rejecting Generate (policy deny): %s", error)
+            raise BackendUnavailableError(
+                "Valkey is unreachable and the server is set to fail closed "
+                "(--on-valkey-error deny); retry later"
+            ) from error
+        logger.warning("Valkey unreachable, answering Generate without limit or cache: %s", error)
+        text = await self._call_generator(request)
+        return GenerateResult(text, False, request.model, key, None)
+
+    async def _call_generator(self, request: GenerationRequest) -> str:
+        try:
+            return await asyncio.wait_for(
+                self.generator.generate(request), self.settings.generator_timeout
+            )
+        except TimeoutError as error:
+            raise GeneratorError(
+                f"the generator timed out after {self.settings.generator_timeout} s"
+            ) from error
+        except GeneratorError:
+            raise
+        except Exception as error:
+            logger.exception("generator failed for model %s", request.model)
+            raise GeneratorError(f"the generator failed: {error}") from error
+
+    async def _generate_and_store(self, request: GenerationRequest, key: str, token: str) -> str:
+        """Generate as the holder of the single-flight lock, then fill the cache."""
+        future = self.in_flight.start(key)
+        try:
+            try:
+                text = await self._call_generator(request)
+            except BaseException:
+                await self._release_lock(key, token)
+                raise
+            await self.scripts.complete_generate(
+                keys=[self.keys.cache(key), self.keys.lock(key)],
+                args=[text, self.settings.cache_ttl, token],
+            )
+            return text
+        finally:
+            self.in_flight.finish(key, future)
+
+    async def _release_lock(self, key: str, token: str) -> None:
+        try:
+            await self.scripts.release_lock(keys=[self.keys.lock(key)], args=[token])
+        except (RedisError, OSError) as error:
+            # The lock expires by itself after its TTL.
+            logger.warning("could not release cache lock %s: %s", key[:16], error)
+
+    async def _wait_for_fill(
+        self,
+        request: GenerationRequest,
+        client: str,
+        key: str,
+        token: str,
+        decision: Decision,
+    ) -> GenerateResult:
+        """Wait for the request holding the lock, then read its answer.
+
+        A request of this process is awaited directly; one of another process
+        is polled. When the holder fails, this request takes the lock over
+        and generates itself.
+        """
+        deadline = time.monotonic() + self._lock_ttl_ms / 1000
+        delay = _WAIT_POLL_MIN_SECONDS
+        while time.monotonic() < deadline:
+            remaining_time = deadline - time.monotonic()
+            if not await self.in_flight.wait(key, remaining_time):
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _WAIT_POLL_MAX_SECONDS)
+
+            outcome, cached_text, event_id = await self.scripts.claim_generate(
+                keys=[self.keys.cache(key), self.keys.lock(key), self.keys.counters,
+                      self.keys.activity],
+                args=[token, self._lock_ttl_ms, self.settings.activity_max_events, client,
+                      request.prompt[:PROMPT_EXCERPT_CHARS], request.model],
+            )
+            if outcome == OUTCOME_HIT:
+                return GenerateResult(cached_text, True, request.model, key, decision, event_id)
+            if outcome == OUTCOME_MISS:
+                text = await self._generate_and_store(request, key, token)
+                return GenerateResult(text, False, request.model, key, decision, event_id)
+
+        raise GeneratorError(
+            f"timed out after {self._lock_ttl_ms / 1000:.0f} s waiting for an identical request "
+            "to fill the cache"
+        )
+
+    async def stats(self, activity_limit: int) -> StatsSnapshot | None:
+        """Return a snapshot of the figures, or None when Valkey cannot be reached."""
+        try:
+            return await read_stats(self.redis, self.keys, self.now_ms(), activity_limit)
+        except (RedisError, OSError) as error:
+            logger.warning("GetStats could not reach Valkey: %s", error)
+            return None

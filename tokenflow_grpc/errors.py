@@ -1,0 +1,47 @@
+"""TokenFlow's exceptions. The core raises these; the server maps them to gRPC
+statuses in one place (tokenflow_grpc.status)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class TokenFlowError(Exception):
+    """Root of every error TokenFlow raises on purpose."""
+
+
+class ConfigurationError(TokenFlowError):
+    """A setting is invalid; the message names the flag and the value."""
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    """One invalid request field, in the shape of google.rpc.BadRequest.FieldViolation."""
+
+    field: str
+    description: str
+
+
+class InvalidArgumentError(TokenFlowError):
+    """The request has one or more invalid fields."""
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        self.violations = violations
+        super().__init__("; ".join(f"{v.field}: {v.description}" for v in violations))
+
+
+class RateLimitedError(TokenFlowError):
+    """The client used up its limit for the current window."""
+
+    def __init__(self, client: str, decision: object) -> None:
+        self.client = client
+        self.decision = decision
+        super().__init__(f"rate limit exceeded for client {client}")
+
+
+class BackendUnavailableError(TokenFlowError):
+    """Valkey could not be reached and the policy is to fail closed."""
+
+
+class GeneratorError(TokenFlowError):
+    """The generator failed or timed out."""

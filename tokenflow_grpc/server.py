@@ -1,0 +1,333 @@
+"""The grpc.aio server: TokenFlowService, health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import duration_pb2, timestamp_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from tokenflow_grpc import validation
+from tokenflow_grpc.activity import ActivityEvent, ActivityHub
+from tokenflow_grpc.core import GenerateResult, TokenFlow
+from tokenflow_grpc.errors import TokenFlowError
+from tokenflow_grpc.generator import Generator, SimulatedGenerator
+from tokenflow_grpc.identity import client_identity
+from tokenflow_grpc.limiter import Decision
+from tokenflow_grpc.reflection import enable_reflection
+from tokenflow_grpc.settings import Settings
+from tokenflow_grpc.simulate import OUTCOME_BLOCKED, OUTCOME_SUCCESS, run_simulation
+from tokenflow_grpc.stats import StatsSnapshot
+from tokenflow_grpc.status import to_status
+from tokenflow_grpc.v1 import tokenflow_pb2 as pb
+from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
+from tokenflow_grpc.valkey import connect, is_memory, redact
+
+logger = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TokenFlowService"].full_name
+# Health entry that reports Valkey itself, whatever the failure policy.
+VALKEY_HEALTH_NAME = "valkey"
+HEALTH_CHECK_SECONDS = 1.0
+# Initial metadata sent once a WatchActivity stream is subscribed: events
+# recorded after the client receives it are delivered.
+WATCH_READY_METADATA = (("tokenflow-watch", "subscribed"),)
+
+_SIMULATE_OUTCOMES = {
+    OUTCOME_SUCCESS: pb.SIMULATE_OUTCOME_SUCCESS,
+    OUTCOME_BLOCKED: pb.SIMULATE_OUTCOME_BLOCKED,
+}
+
+
+def _timestamp(ms: int) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromMilliseconds(ms)
+    return stamp
+
+
+def _duration(ms: int) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromMilliseconds(ms)
+    return duration
+
+
+def rate_limit_message(decision: Decision) -> pb.RateLimit:
+    return pb.RateLimit(
+        limit=decision.limit,
+        remaining=decision.remaining,
+        reset_at=_timestamp(decision.reset_at_ms),
+        window=_duration(decision.window_ms),
+    )
+
+
+def event_message(event: ActivityEvent) -> pb.ActivityEvent:
+    return pb.ActivityEvent(
+        id=event.id,
+        time=_timestamp(event.time_ms),
+        type=validation.ACTIVITY_TYPES_BY_NAME.get(event.type, pb.ACTIVITY_TYPE_UNSPECIFIED),
+        client=event.client,
+        prompt=event.prompt,
+        cached=event.cached,
+        blocked=event.blocked,
+        model=event.model,
+    )
+
+
+def stats_message(snapshot: StatsSnapshot, settings: Settings) -> pb.GetStatsResponse:
+    counters = snapshot.counters
+    return pb.GetStatsResponse(
+        connected=True,
+        timestamp=_timestamp(snapshot.now_ms),
+        rate_limit=pb.RateLimitStats(
+            total_keys=snapshot.ratelimit_keys,
+            top_consumers=[
+                pb.Consumer(client=client, requests=requests)
+                for client, requests in snapshot.top_consumers
+            ],
+            blocked_requests=snapshot.blocked_last_minute,
+            requests_per_minute=snapshot.requests_last_minute,
+            blocked_total=counters.blocked,
+            requests_total=counters.requests,
+            limit=settings.rate_limit,
+            window=_duration(settings.rate_window_ms),
+        ),
+        cache=pb.CacheStats(
+            hits=counters.hits,
+            misses=counters.misses,
+            total=counters.hits + counters.misses,
+            hit_ratio=counters.hit_ratio,
+            cached_keys=snapshot.cached_keys,
+        ),
+        activity=[event_message(event) for event in snapshot.activity],
+        key_distribution=snapshot.key_distribution,
+        total_keys=snapshot.total_keys,
+    )
+
+
+async def abort(context: grpc.aio.ServicerContext[Any, Any], error: TokenFlowError) -> NoReturn:
+    code, message, metadata = to_status(error)
+    await context.abort(code, message, trailing_metadata=tuple(metadata))
+    raise AssertionError("context.abort returned")  # abort always raises
+
+
+class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
+    """Validates requests, finds the client identity and maps errors to statuses."""
+
+    def __init__(self, core: TokenFlow, settings: Settings) -> None:
+        self.core = core
+        self.settings = settings
+
+    def client_of(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        forwarded = [
+            value for key, value in context.invocation_metadata() or ()
+            if key == "x-forwarded-for" and isinstance(value, str)
+        ]
+        return client_identity(context.peer(), forwarded, self.settings.trusted_proxies)
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GenerateResponse:
+        try:
+            generation = validation.generation_request(request, self.settings)
+            result = await self.core.generate(
+                generation, self.client_of(context), skip_cache=request.skip_cache
+            )
+        except TokenFlowError as error:
+            await abort(context, error)
+        return await self._generate_response(result, context)
+
+    async def _generate_response(
+        self, result: GenerateResult, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GenerateResponse:
+        response = pb.GenerateResponse(
+            response=result.response,
+            cached=result.cached,
+            model=result.model,
+            cache_key=result.cache_key,
+        )
+        if result.decision is not None:
+            response.rate_limit.CopyFrom(rate_limit_message(result.decision))
+            await context.send_initial_metadata(result.decision.metadata())
+        return response
+
+    async def GetStats(
+        self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetStatsResponse:
+        try:
+            limit = validation.activity_limit(request)
+        except TokenFlowError as error:
+            await abort(context, error)
+        snapshot = await self.core.stats(limit)
+        if snapshot is None:
+            return pb.GetStatsResponse(connected=False, timestamp=_timestamp(self.core.now_ms()))
+        return stats_message(snapshot, self.settings)
+
+    async def Simulate(
+        self, request: pb.SimulateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.SimulateResponse:
+        try:
+            count = validation.simulate_count(request, self.settings)
+        except TokenFlowError as error:
+            await abort(context, error)
+        report = await run_simulation(self.core, count)
+        return pb.SimulateResponse(
+            summary=pb.SimulateSummary(
+                total=report.total,
+                successful=report.successful,
+                blocked=report.blocked,
+                cached=report.cached,
+                failed=report.failed,
+            ),
+            results=[
+                pb.SimulateResult(
+                    prompt=result.prompt,
+                    client=result.client,
+                    status=_SIMULATE_OUTCOMES.get(result.outcome, pb.SIMULATE_OUTCOME_FAILED),
+                    cached=result.cached,
+                    blocked=result.outcome == OUTCOME_BLOCKED,
+                    error=result.error,
+                )
+                for result in report.results
+            ],
+        )
+
+    async def WatchActivity(
+        self, request: pb.WatchActivityRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WatchActivityResponse]:
+        try:
+            since_id, types = validation.watch_filter(request)
+        except TokenFlowError as error:
+            await abort(context, error)
+
+        async with self.core.hub.subscription(types) as subscription:
+            await context.send_initial_metadata(WATCH_READY_METADATA)
+            async for event, dropped in self.core.hub.watch(subscription, since_id):
+                yield pb.WatchActivityResponse(event=event_message(event), dropped=dropped)
+
+
+class HealthMonitor:
+    """Keeps the health service in step with Valkey and logs connection changes."""
+
+    def __init__(self, core: TokenFlow, servicer: health.aio.HealthServicer, settings: Settings):
+        self.core = core
+        self.servicer = servicer
+        self.settings = settings
+        self.connected: bool | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def check(self) -> bool:
+        connected = await self.core.ping()
+        if connected != self.connected:
+            if connected:
+                logger.info("Valkey connection is up")
+            elif self.connected is None:
+                logger.warning("Valkey is unreachable at start")
+            else:
+                logger.warning("Valkey connection lost")
+            self.connected = connected
+        serving = connected or self.settings.on_valkey_error == "allow"
+        service_status = health_pb2.HealthCheckResponse.SERVING if serving else \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        valkey_status = health_pb2.HealthCheckResponse.SERVING if connected else \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.servicer.set("", service_status)
+        await self.servicer.set(SERVICE_NAME, service_status)
+        await self.servicer.set(VALKEY_HEALTH_NAME, valkey_status)
+        return connected
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="tokenflow-health")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_CHECK_SECONDS)
+            await self.check()
+
+
+class TokenFlowServer:
+    """A running TokenFlow gRPC server and everything it owns."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Any = None,
+        generator: Generator | None = None,
+        core: TokenFlow | None = None,
+    ) -> None:
+        """redis: a client to use instead of connecting to settings.valkey_url."""
+        self.settings = settings
+        self._owns_redis = redis is None and core is None
+        if core is None:
+            redis = redis if redis is not None else connect(settings.valkey_url, settings.valkey_timeout)
+            generator = generator or SimulatedGenerator(settings.generator_latency)
+            core = TokenFlow(redis, settings, generator, hub=self._hub(redis, settings))
+        self.core = core
+        self.server = grpc.aio.server()
+        self.health = health.aio.HealthServicer()
+        self.monitor = HealthMonitor(core, self.health, settings)
+        self.port = 0
+
+    @staticmethod
+    def _hub(redis: Any, settings: Settings) -> ActivityHub:
+        from tokenflow_grpc.keys import KeySpace
+
+        stream = KeySpace(settings.key_prefix).activity
+        if is_memory(settings.valkey_url):
+            return ActivityHub(redis, stream, settings.watch_queue_size, block_ms=None)
+        # The blocking reader gets its own client, with a read timeout longer than its block time.
+        block_ms = 1000
+        reader = connect(settings.valkey_url, settings.valkey_timeout,
+                         read_timeout=block_ms / 1000 + settings.valkey_timeout)
+        return ActivityHub(reader, stream, settings.watch_queue_size, block_ms=block_ms)
+
+    async def start(self) -> int:
+        """Bind, register services and start serving; return the bound port."""
+        pb_grpc.add_TokenFlowServiceServicer_to_server(
+            TokenFlowServicer(self.core, self.settings), self.server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        enable_reflection(self.server, [SERVICE_NAME, health.SERVICE_NAME])
+
+        self.port = self.server.add_insecure_port(self.settings.grpc_address)
+        if self.port == 0:
+            raise OSError(f"could not bind the gRPC address {self.settings.grpc_address}")
+
+        await self.monitor.check()
+        self.monitor.start()
+        await self.server.start()
+        logger.info(
+            "TokenFlow serving gRPC on %s (port %d), Valkey %s, limit %d per %g s",
+            self.settings.grpc_address, self.port, redact(self.settings.valkey_url) or "embedded",
+            self.settings.rate_limit, self.settings.rate_window,
+        )
+        return self.port
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Report NOT_SERVING, drain in-flight calls for up to grace seconds, then close."""
+        logger.info("TokenFlow stopping: draining calls for up to %g s", grace)
+        await self.monitor.stop()
+        await self.health.enter_graceful_shutdown()
+        # stop() rejects new calls at once; ending the watch streams then lets
+        # the drain finish without waiting the whole grace period for them.
+        stopping = asyncio.create_task(self.server.stop(grace))
+        await asyncio.sleep(0)
+        await self.core.close()
+        await stopping
+        if self._owns_redis:
+            if self.core.hub.redis is not self.core.redis:
+                await self.core.hub.redis.aclose()
+            await self.core.redis.aclose()
+        logger.info("TokenFlow stopped")

@@ -1,0 +1,224 @@
+"""Server settings: each field has a command-line flag, an environment variable,
+a default and help text, all declared once here."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenflow_grpc.errors import ConfigurationError
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_TRUSTED_PROXIES = "127.0.0.0/8,::1/128"
+
+
+def parse_networks(text: str) -> tuple[Network, ...]:
+    """Parse a comma-separated list of networks ("10.0.0.0/8,::1")."""
+    networks = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError as error:
+            raise ConfigurationError(
+                f"invalid network {item!r} in trusted proxies: {error}"
+            ) from error
+    return tuple(networks)
+
+
+def parse_models(text: str) -> tuple[str, ...]:
+    models = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not models:
+        raise ConfigurationError("the model list is empty; name at least one model")
+    return models
+
+
+def _option(
+    flag: str,
+    env: str,
+    help: str,
+    default: Any,
+    parse: Callable[[str], Any] | None = None,
+    choices: Sequence[str] | None = None,
+) -> Any:
+    metadata = {"flag": flag, "env": env, "help": help, "parse": parse, "choices": choices}
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a TokenFlow server process can be configured with."""
+
+    grpc_address: str = _option(
+        "--grpc-address", "TOKENFLOW_GRPC_ADDRESS", "gRPC listen address, HOST:PORT.",
+        "127.0.0.1:50051",
+    )
+    valkey_url: str = _option(
+        "--valkey-url", "TOKENFLOW_VALKEY_URL",
+        "Valkey or Redis URL (redis://, rediss://, unix://), or memory:// for the "
+        "in-process fakeredis backend. Empty starts an embedded Valkey server.",
+        "",
+    )
+    data_dir: str = _option(
+        "--data-dir", "TOKENFLOW_DATA_DIR",
+        "Directory of the embedded Valkey server's data (kept across restarts).",
+        ".tokenflow",
+    )
+    key_prefix: str = _option(
+        "--key-prefix", "TOKENFLOW_KEY_PREFIX",
+        "Prefix of every Valkey key, so that deployments can share one Valkey.",
+        "tokenflow",
+    )
+    rate_limit: int = _option(
+        "--rate-limit", "TOKENFLOW_RATE_LIMIT", "Requests admitted per client per window.", 10,
+        parse=int,
+    )
+    rate_window: float = _option(
+        "--rate-window", "TOKENFLOW_RATE_WINDOW", "Rate-limit window length, in seconds.", 60.0,
+        parse=float,
+    )
+    cache_ttl: int = _option(
+        "--cache-ttl", "TOKENFLOW_CACHE_TTL", "Lifetime of a cached response, in seconds.", 3600,
+        parse=int,
+    )
+    trusted_proxies: tuple[Network, ...] = _option(
+        "--trusted-proxies", "TOKENFLOW_TRUSTED_PROXIES",
+        "Comma-separated networks whose x-forwarded-for header is believed.",
+        parse_networks(DEFAULT_TRUSTED_PROXIES), parse=parse_networks,
+    )
+    on_valkey_error: str = _option(
+        "--on-valkey-error", "TOKENFLOW_ON_VALKEY_ERROR",
+        "What Generate does when Valkey cannot be reached: allow (answer without limiting "
+        "or caching) or deny (fail with UNAVAILABLE).",
+        "allow", choices=("allow", "deny"),
+    )
+    default_model: str = _option(
+        "--default-model", "TOKENFLOW_DEFAULT_MODEL", "Model used when a request names none.",
+        "tokenflow-sim-1",
+    )
+    models: tuple[str, ...] = _option(
+        "--models", "TOKENFLOW_MODELS", "Comma-separated models that requests may name.",
+        ("tokenflow-sim-1", "tokenflow-sim-2"), parse=parse_models,
+    )
+    generator_latency: float = _option(
+        "--generator-latency", "TOKENFLOW_GENERATOR_LATENCY",
+        "Delay of the simulated generator per call, in seconds.", 0.0, parse=float,
+    )
+    generator_timeout: float = _option(
+        "--generator-timeout", "TOKENFLOW_GENERATOR_TIMEOUT",
+        "Longest wait for the generator, in seconds; also bounds how long identical "
+        "requests wait for the one generating.", 30.0, parse=float,
+    )
+    max_prompt_bytes: int = _option(
+        "--max-prompt-bytes", "TOKENFLOW_MAX_PROMPT_BYTES",
+        "Largest prompt accepted, in bytes of UTF-8.", 32 * 1024, parse=int,
+    )
+    simulate_max_count: int = _option(
+        "--simulate-max-count", "TOKENFLOW_SIMULATE_MAX_COUNT",
+        "Largest Simulate burst accepted.", 1000, parse=int,
+    )
+    activity_max_events: int = _option(
+        "--activity-max-events", "TOKENFLOW_ACTIVITY_MAX_EVENTS",
+        "Approximate number of events kept in the activity stream (XADD MAXLEN ~).", 100,
+        parse=int,
+    )
+    watch_queue_size: int = _option(
+        "--watch-queue-size", "TOKENFLOW_WATCH_QUEUE_SIZE",
+        "Events buffered per watcher before it starts losing events.", 256, parse=int,
+    )
+    valkey_timeout: float = _option(
+        "--valkey-timeout", "TOKENFLOW_VALKEY_TIMEOUT",
+        "Timeout of one Valkey connect or command, in seconds.", 1.0, parse=float,
+    )
+    log_level: str = _option(
+        "--log-level", "TOKENFLOW_LOG_LEVEL", "Logging level.", "INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def rate_window_ms(self) -> int:
+        return int(self.rate_window * 1000)
+
+    def validate(self) -> None:
+        """Raise ConfigurationError naming the first invalid setting."""
+        positive = {
+            "--rate-limit": self.rate_limit,
+            "--rate-window": self.rate_window,
+            "--cache-ttl": self.cache_ttl,
+            "--generator-timeout": self.generator_timeout,
+            "--max-prompt-bytes": self.max_prompt_bytes,
+            "--simulate-max-count": self.simulate_max_count,
+            "--activity-max-events": self.activity_max_events,
+            "--watch-queue-size": self.watch_queue_size,
+            "--valkey-timeout": self.valkey_timeout,
+        }
+        for flag, value in positive.items():
+            if value <= 0:
+                raise ConfigurationError(f"{flag} must be greater than 0, got {value}")
+        if self.rate_window_ms < 1:
+            raise ConfigurationError(f"--rate-window must be at least 0.001 s, got {self.rate_window}")
+        if self.generator_latency < 0:
+            raise ConfigurationError(
+                f"--generator-latency must not be negative, got {self.generator_latency}"
+            )
+        if self.default_model not in self.models:
+            raise ConfigurationError(
+                f"--default-model {self.default_model!r} is not in --models {list(self.models)}"
+            )
+        if not self.key_prefix or any(c in self.key_prefix for c in "{}*?[] "):
+            raise ConfigurationError(
+                f"--key-prefix {self.key_prefix!r} must be non-empty and contain none of {{}}*?[] "
+                "or spaces"
+            )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one option per Settings field; each default comes from its environment variable."""
+    for settings_field in dataclasses.fields(Settings):
+        meta = settings_field.metadata
+        default = settings_field.default
+        shown = ",".join(str(n) for n in default) if isinstance(default, tuple) else default
+        parser.add_argument(
+            meta["flag"],
+            dest=settings_field.name,
+            default=None,
+            choices=meta["choices"],
+            metavar=None if meta["choices"] else settings_field.name.upper(),
+            help=f"{meta['help']} Environment: {meta['env']}. Default: {shown!r}.",
+        )
+
+
+def settings_from(
+    arguments: argparse.Namespace | None = None, environ: dict[str, str] | None = None
+) -> Settings:
+    """Build Settings from parsed flags, falling back to environment variables and defaults."""
+    environ = dict(os.environ) if environ is None else environ
+    values: dict[str, Any] = {}
+    for settings_field in dataclasses.fields(Settings):
+        meta = settings_field.metadata
+        raw = getattr(arguments, settings_field.name, None) if arguments else None
+        if raw is None:
+            raw = environ.get(meta["env"])
+        if raw is None:
+            continue
+        if meta["choices"] and raw not in meta["choices"]:
+            raise ConfigurationError(
+                f"{meta['flag']} must be one of {list(meta['choices'])}, got {raw!r}"
+            )
+        parse = meta["parse"]
+        try:
+            values[settings_field.name] = parse(raw) if parse else raw
+        except ValueError as error:
+            raise ConfigurationError(f"invalid value {raw!r} for {meta['flag']}: {error}") from error
+    return Settings(**values)

@@ -1,0 +1,92 @@
+"""Mapping of TokenFlow's exceptions to gRPC statuses with google.rpc details,
+in one place."""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+from tokenflow_grpc.errors import (
+    BackendUnavailableError,
+    GeneratorError,
+    InvalidArgumentError,
+    RateLimitedError,
+    TokenFlowError,
+)
+from tokenflow_grpc.limiter import Decision
+
+DETAILS_METADATA_KEY = "grpc-status-details-bin"
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def _rate_limited(error: RateLimitedError) -> tuple[status_pb2.Status, list[tuple[str, str]]]:
+    decision = error.decision
+    assert isinstance(decision, Decision)
+    retry_delay = duration_pb2.Duration()
+    retry_delay.FromMilliseconds(decision.retry_after_ms)
+    retry_info = error_details_pb2.RetryInfo(retry_delay=retry_delay)
+    quota_failure = error_details_pb2.QuotaFailure(
+        violations=[
+            error_details_pb2.QuotaFailure.Violation(
+                subject=f"client:{error.client}",
+                description=(
+                    f"{decision.limit} requests per {decision.window_ms / 1000:g} s exceeded; "
+                    f"retry after {decision.retry_after_ms / 1000:.3f} s"
+                ),
+            )
+        ]
+    )
+    status = status_pb2.Status(
+        code=code_pb2.RESOURCE_EXHAUSTED,
+        message=(
+            f"rate limit of {decision.limit} requests per {decision.window_ms / 1000:g} s "
+            f"exceeded for client {error.client}; retry after "
+            f"{decision.retry_after_seconds} s"
+        ),
+        details=[_pack(retry_info), _pack(quota_failure)],
+    )
+    return status, decision.metadata()
+
+
+def _invalid_argument(error: InvalidArgumentError) -> status_pb2.Status:
+    bad_request = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+            for v in error.violations
+        ]
+    )
+    return status_pb2.Status(
+        code=code_pb2.INVALID_ARGUMENT, message=str(error), details=[_pack(bad_request)]
+    )
+
+
+def to_status(error: TokenFlowError) -> tuple[grpc.StatusCode, str, list[tuple[str, str | bytes]]]:
+    """Return (code, message, trailing metadata with grpc-status-details-bin) for error."""
+    metadata: list[tuple[str, str | bytes]] = []
+    if isinstance(error, RateLimitedError):
+        status, rate_metadata = _rate_limited(error)
+        metadata.extend(rate_metadata)
+    elif isinstance(error, InvalidArgumentError):
+        status = _invalid_argument(error)
+    elif isinstance(error, BackendUnavailableError):
+        status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=str(error))
+    elif isinstance(error, GeneratorError):
+        status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=str(error))
+    else:
+        status = status_pb2.Status(code=code_pb2.INTERNAL, message=str(error))
+
+    metadata.append((DETAILS_METADATA_KEY, status.SerializeToString()))
+    return _grpc_code(status.code), status.message, metadata
+
+
+def _grpc_code(code: int) -> grpc.StatusCode:
+    for status_code in grpc.StatusCode:
+        if status_code.value[0] == code:
+            return status_code
+    return grpc.StatusCode.UNKNOWN

@@ -1,0 +1,113 @@
+"""Checks of request fields, before any I/O. Each failure names the field and
+the value in a google.rpc.BadRequest field violation."""
+
+from __future__ import annotations
+
+import math
+
+from tokenflow_grpc.activity import EVENT_TYPES, parse_stream_id
+from tokenflow_grpc.errors import FieldViolation, InvalidArgumentError
+from tokenflow_grpc.generator import GenerationRequest
+from tokenflow_grpc.settings import Settings
+from tokenflow_grpc.v1 import tokenflow_pb2 as pb
+
+TEMPERATURE_RANGE = (0.0, 2.0)
+MAX_TOKENS_RANGE = (1, 8192)
+DEFAULT_ACTIVITY_LIMIT = 20
+MAX_ACTIVITY_LIMIT = 100
+DEFAULT_SIMULATE_COUNT = 50
+
+# ActivityType enum values and the stream's type names, both ways.
+ACTIVITY_TYPE_NAMES = {
+    pb.ACTIVITY_TYPE_REQUEST: EVENT_TYPES[0],
+    pb.ACTIVITY_TYPE_CACHE_HIT: EVENT_TYPES[1],
+    pb.ACTIVITY_TYPE_CACHE_MISS: EVENT_TYPES[2],
+    pb.ACTIVITY_TYPE_RATE_LIMITED: EVENT_TYPES[3],
+}
+ACTIVITY_TYPES_BY_NAME = {name: value for value, name in ACTIVITY_TYPE_NAMES.items()}
+
+
+def _raise_if(violations: list[FieldViolation]) -> None:
+    if violations:
+        raise InvalidArgumentError(violations)
+
+
+def generation_request(message: pb.GenerateRequest, settings: Settings) -> GenerationRequest:
+    """Validate a GenerateRequest and resolve its model."""
+    violations = []
+    prompt_bytes = len(message.prompt.encode("utf-8"))
+    if not message.prompt.strip():
+        violations.append(FieldViolation("prompt", "must not be empty"))
+    elif prompt_bytes > settings.max_prompt_bytes:
+        violations.append(FieldViolation(
+            "prompt",
+            f"is {prompt_bytes} bytes of UTF-8; the maximum is {settings.max_prompt_bytes}",
+        ))
+
+    model = message.model if message.HasField("model") else settings.default_model
+    if model not in settings.models:
+        violations.append(FieldViolation(
+            "model", f"unknown model {model!r}; expected one of {', '.join(settings.models)}"
+        ))
+
+    temperature = message.temperature if message.HasField("temperature") else None
+    low, high = TEMPERATURE_RANGE
+    if temperature is not None and not (math.isfinite(temperature) and low <= temperature <= high):
+        violations.append(FieldViolation(
+            "temperature", f"must be between {low:g} and {high:g}, got {temperature}"
+        ))
+
+    max_tokens = message.max_tokens if message.HasField("max_tokens") else None
+    low_tokens, high_tokens = MAX_TOKENS_RANGE
+    if max_tokens is not None and not low_tokens <= max_tokens <= high_tokens:
+        violations.append(FieldViolation(
+            "max_tokens", f"must be between {low_tokens} and {high_tokens}, got {max_tokens}"
+        ))
+
+    _raise_if(violations)
+    return GenerationRequest(message.prompt, model, temperature, max_tokens)
+
+
+def activity_limit(message: pb.GetStatsRequest) -> int:
+    """Return the number of events to show: 0 means the default."""
+    limit = message.activity_limit
+    if not 0 <= limit <= MAX_ACTIVITY_LIMIT:
+        _raise_if([FieldViolation(
+            "activity_limit", f"must be between 0 and {MAX_ACTIVITY_LIMIT}, got {limit}"
+        )])
+    return limit or DEFAULT_ACTIVITY_LIMIT
+
+
+def simulate_count(message: pb.SimulateRequest, settings: Settings) -> int:
+    """Return the burst size: 0 means the default."""
+    count = message.count
+    if not 0 <= count <= settings.simulate_max_count:
+        _raise_if([FieldViolation(
+            "count", f"must be between 0 and {settings.simulate_max_count}, got {count}"
+        )])
+    return count or DEFAULT_SIMULATE_COUNT
+
+
+def watch_filter(message: pb.WatchActivityRequest) -> tuple[str, list[str]]:
+    """Return (since_id, stream type names) of a WatchActivityRequest."""
+    violations = []
+    if message.since_id:
+        try:
+            parse_stream_id(message.since_id)
+        except ValueError as error:
+            violations.append(FieldViolation("since_id", str(error)))
+
+    names = []
+    for index, value in enumerate(message.types):
+        name = ACTIVITY_TYPE_NAMES.get(value)  # type: ignore[call-overload]
+        if name is None:
+            violations.append(FieldViolation(
+                f"types[{index}]",
+                f"unknown activity type {value}; expected one of "
+                f"{', '.join(pb.ActivityType.Name(v) for v in ACTIVITY_TYPE_NAMES)}",
+            ))
+        else:
+            names.append(name)
+
+    _raise_if(violations)
+    return message.since_id, names

