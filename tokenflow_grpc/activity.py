@@ -183,14 +183,14 @@ class ActivityHub:
                 yield event, 0
 
         while True:
-            event = await subscription.queue.get()
-            if event is None:
+            queued = await subscription.queue.get()
+            if queued is None:
                 return
-            if event.order <= last:
+            if queued.order <= last:
                 continue
-            last = event.order
+            last = queued.order
             dropped, subscription.dropped = subscription.dropped, 0
-            yield event, dropped
+            yield queued, dropped
 
     async def close(self) -> None:
         """End every watcher's stream and stop the reader."""
@@ -250,7 +250,8 @@ class ActivityHub:
                 newest = await self.redis.xrevrange(self._stream_key, count=1)
                 return newest[0][0] if newest else "0-0"
             except (RedisError, OSError) as error:
-                logger.warning("activity reader cannot reach Valkey, retrying in %.2f s: %s",
-                               delay, error)
+                logger.warning(
+                    "activity reader cannot reach Valkey, retrying in %.2f s: %s", delay, error
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_SECONDS)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import signal
 import sys
@@ -128,10 +127,14 @@ def build_parser() -> argparse.ArgumentParser:
     def client_command(name: str, help: str) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help)
         command.add_argument(
-            "--target", default=DEFAULT_TARGET, help=f"Server address, HOST:PORT (default {DEFAULT_TARGET})."
+            "--target",
+            default=DEFAULT_TARGET,
+            help=f"Server address, HOST:PORT (default {DEFAULT_TARGET}).",
         )
         command.add_argument(
-            "--timeout", type=float, default=DEFAULT_TIMEOUT,
+            "--timeout",
+            type=float,
+            default=DEFAULT_TIMEOUT,
             help=f"Deadline of each call, in seconds (default {DEFAULT_TIMEOUT:g}).",
         )
         return command
@@ -156,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     watch_parser = client_command("watch", "Print activity events as JSON lines.")
     watch_parser.add_argument("--since-id", default="", help="Resume after this event id.")
     watch_parser.add_argument(
-        "--type", action="append", default=[],
+        "--type",
+        action="append",
+        default=[],
         choices=[name for name in pb.ActivityType.keys() if not name.endswith("UNSPECIFIED")],
         help="Only this event type; repeat for several.",
     )

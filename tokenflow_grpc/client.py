@@ -102,25 +102,29 @@ class TokenFlowClient:
         return GenerateReply(response, headers)
 
     async def stats(self, activity_limit: int = 0) -> pb.GetStatsResponse:
-        return await self.stub.GetStats(
+        response: pb.GetStatsResponse = await self.stub.GetStats(
             pb.GetStatsRequest(activity_limit=activity_limit),
             timeout=self.timeout,
             metadata=self.metadata,
         )
+        return response
 
     async def simulate(self, count: int = 0) -> pb.SimulateResponse:
-        return await self.stub.Simulate(
+        response: pb.SimulateResponse = await self.stub.Simulate(
             pb.SimulateRequest(count=count),
             timeout=max(self.timeout, SIMULATE_TIMEOUT),
             metadata=self.metadata,
         )
+        return response
 
     async def watch(
         self, since_id: str = "", types: Sequence[int] = (), timeout: float | None = None
     ) -> AsyncIterator[pb.WatchActivityResponse]:
         """Yield activity events until the stream ends or timeout seconds pass."""
         call = self.stub.WatchActivity(
-            pb.WatchActivityRequest(since_id=since_id, types=list(types)),
+            pb.WatchActivityRequest(
+                since_id=since_id, types=[pb.ActivityType.ValueType(t) for t in types]
+            ),
             timeout=timeout,
             metadata=self.metadata,
         )

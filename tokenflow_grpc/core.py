@@ -145,30 +145,30 @@ class TokenFlow:
         minute = minute_of(now_ms)
         keys = self.keys
         reply = await self.scripts.begin_generate(
-                keys=[
-                    keys.window(namespace, client),
-                    keys.cache(key),
-                    keys.lock(key),
-                    keys.counters,
-                    keys.requests_bucket(minute),
-                    keys.blocked_bucket(minute),
-                    keys.consumers(minute),
-                    keys.activity,
-                ],
-                args=[
-                    now_ms,
-                    self.settings.rate_limit,
-                    self.settings.rate_window_ms,
-                    token,
-                    self._lock_ttl_ms,
-                    client,
-                    request.prompt[:PROMPT_EXCERPT_CHARS],
-                    request.model,
-                    self.settings.activity_max_events,
-                    "0" if skip_cache else "1",
-                    BUCKET_TTL_SECONDS,
-                ],
-            )
+            keys=[
+                keys.window(namespace, client),
+                keys.cache(key),
+                keys.lock(key),
+                keys.counters,
+                keys.requests_bucket(minute),
+                keys.blocked_bucket(minute),
+                keys.consumers(minute),
+                keys.activity,
+            ],
+            args=[
+                now_ms,
+                self.settings.rate_limit,
+                self.settings.rate_window_ms,
+                token,
+                self._lock_ttl_ms,
+                client,
+                request.prompt[:PROMPT_EXCERPT_CHARS],
+                request.model,
+                self.settings.activity_max_events,
+                "0" if skip_cache else "1",
+                BUCKET_TTL_SECONDS,
+            ],
+        )
         return now_ms, list(reply)
 
     async def _answer_without_valkey(
@@ -246,10 +246,20 @@ class TokenFlow:
                 delay = min(delay * 2, _WAIT_POLL_MAX_SECONDS)
 
             outcome, cached_text, event_id = await self.scripts.claim_generate(
-                keys=[self.keys.cache(key), self.keys.lock(key), self.keys.counters,
-                      self.keys.activity],
-                args=[token, self._lock_ttl_ms, self.settings.activity_max_events, client,
-                      request.prompt[:PROMPT_EXCERPT_CHARS], request.model],
+                keys=[
+                    self.keys.cache(key),
+                    self.keys.lock(key),
+                    self.keys.counters,
+                    self.keys.activity,
+                ],
+                args=[
+                    token,
+                    self._lock_ttl_ms,
+                    self.settings.activity_max_events,
+                    client,
+                    request.prompt[:PROMPT_EXCERPT_CHARS],
+                    request.model,
+                ],
             )
             if outcome == OUTCOME_HIT:
                 return GenerateResult(cached_text, True, request.model, key, decision, event_id)

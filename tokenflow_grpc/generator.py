@@ -55,7 +55,7 @@ class SimulatedGenerator:
         opening = _OPENINGS[int(digest[:8], 16) % len(_OPENINGS)]
         topic = " ".join(request.prompt.split()[:12])
         text = (
-            f"{opening} ({request.model}): this simulated response addresses \"{topic}\". "
+            f'{opening} ({request.model}): this simulated response addresses "{topic}". '
             f"Reference {digest[:12]}."
         )
         if request.max_tokens is not None:

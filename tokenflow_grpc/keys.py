@@ -83,5 +83,5 @@ class KeySpace:
         head = self.root + ":"
         if not key.startswith(head):
             return None
-        kind = key[len(head):].split(":", 1)[0]
+        kind = key[len(head) :].split(":", 1)[0]
         return kind if kind in KINDS else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any, NoReturn
 
@@ -13,7 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tokenflow_grpc import validation
 from tokenflow_grpc.activity import ActivityEvent, ActivityHub
-from tokenflow_grpc.core import GenerateResult, TokenFlow
+from tokenflow_grpc.core import Clock, GenerateResult, TokenFlow
 from tokenflow_grpc.errors import TokenFlowError
 from tokenflow_grpc.generator import Generator, SimulatedGenerator
 from tokenflow_grpc.identity import client_identity
@@ -123,7 +124,8 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
 
     def client_of(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         forwarded = [
-            value for key, value in context.invocation_metadata() or ()
+            value
+            for key, value in context.invocation_metadata() or ()
             if key == "x-forwarded-for" and isinstance(value, str)
         ]
         return client_identity(context.peer(), forwarded, self.settings.trusted_proxies)
@@ -230,10 +232,16 @@ class HealthMonitor:
                 logger.warning("Valkey connection lost")
             self.connected = connected
         serving = connected or self.settings.on_valkey_error == "allow"
-        service_status = health_pb2.HealthCheckResponse.SERVING if serving else \
-            health_pb2.HealthCheckResponse.NOT_SERVING
-        valkey_status = health_pb2.HealthCheckResponse.SERVING if connected else \
-            health_pb2.HealthCheckResponse.NOT_SERVING
+        service_status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        valkey_status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if connected
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         await self.servicer.set("", service_status)
         await self.servicer.set(SERVICE_NAME, service_status)
         await self.servicer.set(VALKEY_HEALTH_NAME, valkey_status)
@@ -266,14 +274,20 @@ class TokenFlowServer:
         redis: Any = None,
         generator: Generator | None = None,
         core: TokenFlow | None = None,
+        clock: Clock = time.time,
     ) -> None:
-        """redis: a client to use instead of connecting to settings.valkey_url."""
+        """redis: a client to use instead of connecting to settings.valkey_url;
+        clock: seconds since the epoch, replaced by tests."""
         self.settings = settings
         self._owns_redis = redis is None and core is None
         if core is None:
-            redis = redis if redis is not None else connect(settings.valkey_url, settings.valkey_timeout)
+            redis = (
+                redis
+                if redis is not None
+                else connect(settings.valkey_url, settings.valkey_timeout)
+            )
             generator = generator or SimulatedGenerator(settings.generator_latency)
-            core = TokenFlow(redis, settings, generator, hub=self._hub(redis, settings))
+            core = TokenFlow(redis, settings, generator, clock, hub=self._hub(redis, settings))
         self.core = core
         self.server = grpc.aio.server()
         self.health = health.aio.HealthServicer()
@@ -289,8 +303,11 @@ class TokenFlowServer:
             return ActivityHub(redis, stream, settings.watch_queue_size, block_ms=None)
         # The blocking reader gets its own client, with a read timeout longer than its block time.
         block_ms = 1000
-        reader = connect(settings.valkey_url, settings.valkey_timeout,
-                         read_timeout=block_ms / 1000 + settings.valkey_timeout)
+        reader = connect(
+            settings.valkey_url,
+            settings.valkey_timeout,
+            read_timeout=block_ms / 1000 + settings.valkey_timeout,
+        )
         return ActivityHub(reader, stream, settings.watch_queue_size, block_ms=block_ms)
 
     async def start(self) -> int:
@@ -310,8 +327,11 @@ class TokenFlowServer:
         await self.server.start()
         logger.info(
             "TokenFlow serving gRPC on %s (port %d), Valkey %s, limit %d per %g s",
-            self.settings.grpc_address, self.port, redact(self.settings.valkey_url) or "embedded",
-            self.settings.rate_limit, self.settings.rate_window,
+            self.settings.grpc_address,
+            self.port,
+            redact(self.settings.valkey_url) or "embedded",
+            self.settings.rate_limit,
+            self.settings.rate_window,
         )
         return self.port
 

@@ -58,88 +58,134 @@ class Settings:
     """Everything a TokenFlow server process can be configured with."""
 
     grpc_address: str = _option(
-        "--grpc-address", "TOKENFLOW_GRPC_ADDRESS", "gRPC listen address, HOST:PORT.",
+        "--grpc-address",
+        "TOKENFLOW_GRPC_ADDRESS",
+        "gRPC listen address, HOST:PORT.",
         "127.0.0.1:50051",
     )
     valkey_url: str = _option(
-        "--valkey-url", "TOKENFLOW_VALKEY_URL",
+        "--valkey-url",
+        "TOKENFLOW_VALKEY_URL",
         "Valkey or Redis URL (redis://, rediss://, unix://), or memory:// for the "
         "in-process fakeredis backend. Empty starts an embedded Valkey server.",
         "",
     )
     data_dir: str = _option(
-        "--data-dir", "TOKENFLOW_DATA_DIR",
+        "--data-dir",
+        "TOKENFLOW_DATA_DIR",
         "Directory of the embedded Valkey server's data (kept across restarts).",
         ".tokenflow",
     )
     key_prefix: str = _option(
-        "--key-prefix", "TOKENFLOW_KEY_PREFIX",
+        "--key-prefix",
+        "TOKENFLOW_KEY_PREFIX",
         "Prefix of every Valkey key, so that deployments can share one Valkey.",
         "tokenflow",
     )
     rate_limit: int = _option(
-        "--rate-limit", "TOKENFLOW_RATE_LIMIT", "Requests admitted per client per window.", 10,
+        "--rate-limit",
+        "TOKENFLOW_RATE_LIMIT",
+        "Requests admitted per client per window.",
+        10,
         parse=int,
     )
     rate_window: float = _option(
-        "--rate-window", "TOKENFLOW_RATE_WINDOW", "Rate-limit window length, in seconds.", 60.0,
+        "--rate-window",
+        "TOKENFLOW_RATE_WINDOW",
+        "Rate-limit window length, in seconds.",
+        60.0,
         parse=float,
     )
     cache_ttl: int = _option(
-        "--cache-ttl", "TOKENFLOW_CACHE_TTL", "Lifetime of a cached response, in seconds.", 3600,
+        "--cache-ttl",
+        "TOKENFLOW_CACHE_TTL",
+        "Lifetime of a cached response, in seconds.",
+        3600,
         parse=int,
     )
     trusted_proxies: tuple[Network, ...] = _option(
-        "--trusted-proxies", "TOKENFLOW_TRUSTED_PROXIES",
+        "--trusted-proxies",
+        "TOKENFLOW_TRUSTED_PROXIES",
         "Comma-separated networks whose x-forwarded-for header is believed.",
-        parse_networks(DEFAULT_TRUSTED_PROXIES), parse=parse_networks,
+        parse_networks(DEFAULT_TRUSTED_PROXIES),
+        parse=parse_networks,
     )
     on_valkey_error: str = _option(
-        "--on-valkey-error", "TOKENFLOW_ON_VALKEY_ERROR",
+        "--on-valkey-error",
+        "TOKENFLOW_ON_VALKEY_ERROR",
         "What Generate does when Valkey cannot be reached: allow (answer without limiting "
         "or caching) or deny (fail with UNAVAILABLE).",
-        "allow", choices=("allow", "deny"),
+        "allow",
+        choices=("allow", "deny"),
     )
     default_model: str = _option(
-        "--default-model", "TOKENFLOW_DEFAULT_MODEL", "Model used when a request names none.",
+        "--default-model",
+        "TOKENFLOW_DEFAULT_MODEL",
+        "Model used when a request names none.",
         "tokenflow-sim-1",
     )
     models: tuple[str, ...] = _option(
-        "--models", "TOKENFLOW_MODELS", "Comma-separated models that requests may name.",
-        ("tokenflow-sim-1", "tokenflow-sim-2"), parse=parse_models,
+        "--models",
+        "TOKENFLOW_MODELS",
+        "Comma-separated models that requests may name.",
+        ("tokenflow-sim-1", "tokenflow-sim-2"),
+        parse=parse_models,
     )
     generator_latency: float = _option(
-        "--generator-latency", "TOKENFLOW_GENERATOR_LATENCY",
-        "Delay of the simulated generator per call, in seconds.", 0.0, parse=float,
+        "--generator-latency",
+        "TOKENFLOW_GENERATOR_LATENCY",
+        "Delay of the simulated generator per call, in seconds.",
+        0.0,
+        parse=float,
     )
     generator_timeout: float = _option(
-        "--generator-timeout", "TOKENFLOW_GENERATOR_TIMEOUT",
+        "--generator-timeout",
+        "TOKENFLOW_GENERATOR_TIMEOUT",
         "Longest wait for the generator, in seconds; also bounds how long identical "
-        "requests wait for the one generating.", 30.0, parse=float,
+        "requests wait for the one generating.",
+        30.0,
+        parse=float,
     )
     max_prompt_bytes: int = _option(
-        "--max-prompt-bytes", "TOKENFLOW_MAX_PROMPT_BYTES",
-        "Largest prompt accepted, in bytes of UTF-8.", 32 * 1024, parse=int,
+        "--max-prompt-bytes",
+        "TOKENFLOW_MAX_PROMPT_BYTES",
+        "Largest prompt accepted, in bytes of UTF-8.",
+        32 * 1024,
+        parse=int,
     )
     simulate_max_count: int = _option(
-        "--simulate-max-count", "TOKENFLOW_SIMULATE_MAX_COUNT",
-        "Largest Simulate burst accepted.", 1000, parse=int,
+        "--simulate-max-count",
+        "TOKENFLOW_SIMULATE_MAX_COUNT",
+        "Largest Simulate burst accepted.",
+        1000,
+        parse=int,
     )
     activity_max_events: int = _option(
-        "--activity-max-events", "TOKENFLOW_ACTIVITY_MAX_EVENTS",
-        "Approximate number of events kept in the activity stream (XADD MAXLEN ~).", 100,
+        "--activity-max-events",
+        "TOKENFLOW_ACTIVITY_MAX_EVENTS",
+        "Approximate number of events kept in the activity stream (XADD MAXLEN ~).",
+        100,
         parse=int,
     )
     watch_queue_size: int = _option(
-        "--watch-queue-size", "TOKENFLOW_WATCH_QUEUE_SIZE",
-        "Events buffered per watcher before it starts losing events.", 256, parse=int,
+        "--watch-queue-size",
+        "TOKENFLOW_WATCH_QUEUE_SIZE",
+        "Events buffered per watcher before it starts losing events.",
+        256,
+        parse=int,
     )
     valkey_timeout: float = _option(
-        "--valkey-timeout", "TOKENFLOW_VALKEY_TIMEOUT",
-        "Timeout of one Valkey connect or command, in seconds.", 1.0, parse=float,
+        "--valkey-timeout",
+        "TOKENFLOW_VALKEY_TIMEOUT",
+        "Timeout of one Valkey connect or command, in seconds.",
+        1.0,
+        parse=float,
     )
     log_level: str = _option(
-        "--log-level", "TOKENFLOW_LOG_LEVEL", "Logging level.", "INFO",
+        "--log-level",
+        "TOKENFLOW_LOG_LEVEL",
+        "Logging level.",
+        "INFO",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
     )
 
@@ -167,7 +213,9 @@ class Settings:
             if value <= 0:
                 raise ConfigurationError(f"{flag} must be greater than 0, got {value}")
         if self.rate_window_ms < 1:
-            raise ConfigurationError(f"--rate-window must be at least 0.001 s, got {self.rate_window}")
+            raise ConfigurationError(
+                f"--rate-window must be at least 0.001 s, got {self.rate_window}"
+            )
         if self.generator_latency < 0:
             raise ConfigurationError(
                 f"--generator-latency must not be negative, got {self.generator_latency}"
@@ -220,5 +268,7 @@ def settings_from(
         try:
             values[settings_field.name] = parse(raw) if parse else raw
         except ValueError as error:
-            raise ConfigurationError(f"invalid value {raw!r} for {meta['flag']}: {error}") from error
+            raise ConfigurationError(
+                f"invalid value {raw!r} for {meta['flag']}: {error}"
+            ) from error
     return Settings(**values)

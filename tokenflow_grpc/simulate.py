@@ -80,6 +80,10 @@ async def run_simulation(core: TokenFlow, count: int) -> SimulationReport:
     )
     logger.info(
         "simulated %d requests: %d successful, %d blocked, %d cached, %d failed",
-        report.total, report.successful, report.blocked, report.cached, report.failed,
+        report.total,
+        report.successful,
+        report.blocked,
+        report.cached,
+        report.failed,
     )
     return report

@@ -27,7 +27,9 @@ class Counters:
 
     @classmethod
     def from_hash(cls, values: dict[str, str]) -> Counters:
-        return cls(**{name: int(values.get(name, 0)) for name in ("requests", "hits", "misses", "blocked")})
+        return cls(
+            **{name: int(values.get(name, 0)) for name in ("requests", "hits", "misses", "blocked")}
+        )
 
     @property
     def hit_ratio(self) -> float:
@@ -84,12 +86,23 @@ async def read_stats(redis: Any, keys: KeySpace, now_ms: int, activity_limit: in
         pipe.hgetall(keys.requests_bucket(minute - 1))
         pipe.hgetall(keys.blocked_bucket(minute))
         pipe.hgetall(keys.blocked_bucket(minute - 1))
-        pipe.zunionstore(keys.consumers_scratch, [keys.consumers(minute), keys.consumers(minute - 1)])
+        pipe.zunionstore(
+            keys.consumers_scratch, [keys.consumers(minute), keys.consumers(minute - 1)]
+        )
         pipe.zrevrange(keys.consumers_scratch, 0, TOP_CONSUMERS - 1, withscores=True)
         pipe.delete(keys.consumers_scratch)
         pipe.xrevrange(keys.activity, count=activity_limit)
-        (counters, requests_now, requests_before, blocked_now, blocked_before,
-         _union_size, top, _deleted, entries) = await pipe.execute()
+        (
+            counters,
+            requests_now,
+            requests_before,
+            blocked_now,
+            blocked_before,
+            _union_size,
+            top,
+            _deleted,
+            entries,
+        ) = await pipe.execute()
 
     distribution = await count_keys(redis, keys)
     return StatsSnapshot(

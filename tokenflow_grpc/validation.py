@@ -39,30 +39,38 @@ def generation_request(message: pb.GenerateRequest, settings: Settings) -> Gener
     if not message.prompt.strip():
         violations.append(FieldViolation("prompt", "must not be empty"))
     elif prompt_bytes > settings.max_prompt_bytes:
-        violations.append(FieldViolation(
-            "prompt",
-            f"is {prompt_bytes} bytes of UTF-8; the maximum is {settings.max_prompt_bytes}",
-        ))
+        violations.append(
+            FieldViolation(
+                "prompt",
+                f"is {prompt_bytes} bytes of UTF-8; the maximum is {settings.max_prompt_bytes}",
+            )
+        )
 
     model = message.model if message.HasField("model") else settings.default_model
     if model not in settings.models:
-        violations.append(FieldViolation(
-            "model", f"unknown model {model!r}; expected one of {', '.join(settings.models)}"
-        ))
+        violations.append(
+            FieldViolation(
+                "model", f"unknown model {model!r}; expected one of {', '.join(settings.models)}"
+            )
+        )
 
     temperature = message.temperature if message.HasField("temperature") else None
     low, high = TEMPERATURE_RANGE
     if temperature is not None and not (math.isfinite(temperature) and low <= temperature <= high):
-        violations.append(FieldViolation(
-            "temperature", f"must be between {low:g} and {high:g}, got {temperature}"
-        ))
+        violations.append(
+            FieldViolation(
+                "temperature", f"must be between {low:g} and {high:g}, got {temperature}"
+            )
+        )
 
     max_tokens = message.max_tokens if message.HasField("max_tokens") else None
     low_tokens, high_tokens = MAX_TOKENS_RANGE
     if max_tokens is not None and not low_tokens <= max_tokens <= high_tokens:
-        violations.append(FieldViolation(
-            "max_tokens", f"must be between {low_tokens} and {high_tokens}, got {max_tokens}"
-        ))
+        violations.append(
+            FieldViolation(
+                "max_tokens", f"must be between {low_tokens} and {high_tokens}, got {max_tokens}"
+            )
+        )
 
     _raise_if(violations)
     return GenerationRequest(message.prompt, model, temperature, max_tokens)
@@ -72,9 +80,13 @@ def activity_limit(message: pb.GetStatsRequest) -> int:
     """Return the number of events to show: 0 means the default."""
     limit = message.activity_limit
     if not 0 <= limit <= MAX_ACTIVITY_LIMIT:
-        _raise_if([FieldViolation(
-            "activity_limit", f"must be between 0 and {MAX_ACTIVITY_LIMIT}, got {limit}"
-        )])
+        _raise_if(
+            [
+                FieldViolation(
+                    "activity_limit", f"must be between 0 and {MAX_ACTIVITY_LIMIT}, got {limit}"
+                )
+            ]
+        )
     return limit or DEFAULT_ACTIVITY_LIMIT
 
 
@@ -82,9 +94,13 @@ def simulate_count(message: pb.SimulateRequest, settings: Settings) -> int:
     """Return the burst size: 0 means the default."""
     count = message.count
     if not 0 <= count <= settings.simulate_max_count:
-        _raise_if([FieldViolation(
-            "count", f"must be between 0 and {settings.simulate_max_count}, got {count}"
-        )])
+        _raise_if(
+            [
+                FieldViolation(
+                    "count", f"must be between 0 and {settings.simulate_max_count}, got {count}"
+                )
+            ]
+        )
     return count or DEFAULT_SIMULATE_COUNT
 
 
@@ -99,13 +115,15 @@ def watch_filter(message: pb.WatchActivityRequest) -> tuple[str, list[str]]:
 
     names = []
     for index, value in enumerate(message.types):
-        name = ACTIVITY_TYPE_NAMES.get(value)  # type: ignore[call-overload]
+        name = ACTIVITY_TYPE_NAMES.get(value)
         if name is None:
-            violations.append(FieldViolation(
-                f"types[{index}]",
-                f"unknown activity type {value}; expected one of "
-                f"{', '.join(pb.ActivityType.Name(v) for v in ACTIVITY_TYPE_NAMES)}",
-            ))
+            violations.append(
+                FieldViolation(
+                    f"types[{index}]",
+                    f"unknown activity type {value}; expected one of "
+                    f"{', '.join(pb.ActivityType.Name(v) for v in ACTIVITY_TYPE_NAMES)}",
+                )
+            )
         else:
             names.append(name)
 
