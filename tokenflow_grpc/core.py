@@ -208,10 +208,14 @@ class TokenFlow:
             except BaseException:
                 await self._release_lock(key, token)
                 raise
-            await self.scripts.complete_generate(
-                keys=[self.keys.cache(key), self.keys.lock(key)],
-                args=[text, self.settings.cache_ttl, token],
-            )
+            try:
+                await self.scripts.complete_generate(
+                    keys=[self.keys.cache(key), self.keys.lock(key)],
+                    args=[text, self.settings.cache_ttl, token],
+                )
+            except (RedisError, OSError) as error:
+                # The answer is good; only caching it failed, and the lock expires by itself.
+                logger.warning("could not store cache entry %s: %s", key[:16], error)
             return text
         finally:
             self.in_flight.finish(key, future)
@@ -245,23 +249,12 @@ class TokenFlow:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _WAIT_POLL_MAX_SECONDS)
 
-            outcome, cached_text, event_id = await self.scripts.claim_generate(
-                keys=[
-                    self.keys.cache(key),
-                    self.keys.lock(key),
-                    self.keys.counters,
-                    self.keys.activity,
-                ],
-                args=[
-                    token,
-                    self._lock_ttl_ms,
-                    self.settings.activity_max_events,
-                    client,
-                    request.prompt[:PROMPT_EXCERPT_CHARS],
-                    request.model,
-                ],
-            )
-            if outcome == OUTCOME_HIT:
+            try:
+                outcome, cached_text, event_id = await self._claim(request, client, key, token)
+            except (RedisError, OSError) as error:
+                fallback = await self._answer_without_valkey(request, key, error)
+                return GenerateResult(fallback.response, False, request.model, key, decision, None)
+            if outcome == OUTCOME_HIT and cached_text is not None:
                 return GenerateResult(cached_text, True, request.model, key, decision, event_id)
             if outcome == OUTCOME_MISS:
                 text = await self._generate_and_store(request, key, token)
@@ -271,6 +264,29 @@ class TokenFlow:
             f"timed out after {self._lock_ttl_ms / 1000:.0f} s waiting for an identical request "
             "to fill the cache"
         )
+
+    async def _claim(
+        self, request: GenerationRequest, client: str, key: str, token: str
+    ) -> tuple[int, str | None, str | None]:
+        """Run one claim_generate step: read the entry or take over the lock."""
+        reply = await self.scripts.claim_generate(
+            keys=[
+                self.keys.cache(key),
+                self.keys.lock(key),
+                self.keys.counters,
+                self.keys.activity,
+            ],
+            args=[
+                token,
+                self._lock_ttl_ms,
+                self.settings.activity_max_events,
+                client,
+                request.prompt[:PROMPT_EXCERPT_CHARS],
+                request.model,
+            ],
+        )
+        outcome, cached_text, event_id = reply
+        return int(outcome), cached_text, event_id
 
     async def stats(self, activity_limit: int) -> StatsSnapshot | None:
         """Return a snapshot of the figures, or None when Valkey cannot be reached."""
