@@ -30,8 +30,9 @@ $(BUF): package.json package-lock.json $(STAMP)
 # googleapis-common-protos wheel, because buf cannot reach its registry here.
 proto-deps: $(STAMP)
 	mkdir -p $(PROTO_DEPS)
-	cp "$$($(BIN)/python -c 'import google.api, os; print(os.path.dirname(google.api.__file__))')"/annotations.proto $(PROTO_DEPS)/
-	cp "$$($(BIN)/python -c 'import google.api, os; print(os.path.dirname(google.api.__file__))')"/http.proto $(PROTO_DEPS)/
+	cp "$$($(BIN)/python -c 'import google.api.annotations_pb2 as m, os; print(os.path.dirname(m.__file__))')"/annotations.proto \
+	   "$$($(BIN)/python -c 'import google.api.http_pb2 as m, os; print(os.path.dirname(m.__file__))')"/http.proto \
+	   $(PROTO_DEPS)/
 
 serve: $(STAMP)
 	$(BIN)/tokenflow serve
