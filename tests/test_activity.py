@@ -1,0 +1,262 @@
+"""WatchActivity over real gRPC streams: order, resume, filters, cancellation
+and the count of events a slow watcher loses."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.conftest import Running
+from tests.helpers import ActivityWatch, event_order, wait_until
+from tokenflow_grpc.v1 import tokenflow_pb2 as pb
+
+# Longer than the 50-character excerpt, with characters of more than one byte
+# in UTF-8, so the excerpt is checked in characters rather than bytes.
+LONG_PROMPT = (
+    "Résumé des idées: explain how a sliding window rate limiter differs from a "
+    "fixed window counter"
+)
+EXCERPT_CHARS = 50
+FORWARDED_CLIENT = "10.0.0.9"
+SECOND_FORWARDED_CLIENT = "10.0.0.10"
+WATCH_HANDLER_PATH = "/tokenflow.v1.TokenFlowService/WatchActivity"
+READER_TASK_NAME = "tokenflow-activity-reader"
+# A receive window of one byte and no BDP probing keep the server's sends
+# blocked while the test does not read, so the watcher's queue fills.
+SLOW_CHANNEL_OPTIONS = [("grpc.http2.lookahead_bytes", 1), ("grpc.http2.bdp_probe", 0)]
+
+
+def forwarded_for(client: str) -> list[tuple[str, str]]:
+    """Return metadata that makes a loopback caller (a trusted proxy by default) count as client."""
+    return [("x-forwarded-for", client)]
+
+
+def watch_handler_tasks() -> list[asyncio.Task[Any]]:
+    """Return the tasks of this event loop that run a WatchActivity handler.
+
+    grpc.aio names each handler task after the method path, and the
+    coroutines it awaits are walked to catch any task named otherwise.
+    """
+    found = []
+    for task in asyncio.all_tasks():
+        if WATCH_HANDLER_PATH in task.get_name():
+            found.append(task)
+            continue
+        awaited = task.get_coro()
+        while awaited is not None:
+            code = getattr(awaited, "cr_code", None) or getattr(awaited, "ag_code", None)
+            if code is not None and code.co_qualname.endswith("WatchActivity"):
+                found.append(task)
+                break
+            awaited = getattr(awaited, "cr_await", None)
+    return found
+
+
+def reader_tasks() -> list[asyncio.Task[Any]]:
+    return [task for task in asyncio.all_tasks() if task.get_name() == READER_TASK_NAME]
+
+
+async def test_watch_order_and_fields(start_server: Any, backend: str) -> None:
+    running: Running = await start_server(backend, rate_limit=3)
+    watch = await ActivityWatch.open(running.channel())
+
+    await running.client.generate(LONG_PROMPT)
+    await running.client.generate(LONG_PROMPT)
+    await running.client.generate("skip the cache", skip_cache=True)
+    with pytest.raises(grpc.aio.AioRpcError) as rejected:
+        await running.client.generate("over the limit")
+    assert rejected.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    events = [response.event for response in await watch.take(4)]
+    await watch.close()
+
+    assert [event.type for event in events] == [
+        pb.ACTIVITY_TYPE_CACHE_MISS,
+        pb.ACTIVITY_TYPE_CACHE_HIT,
+        pb.ACTIVITY_TYPE_REQUEST,
+        pb.ACTIVITY_TYPE_RATE_LIMITED,
+    ]
+    assert [event.prompt for event in events] == [
+        LONG_PROMPT[:EXCERPT_CHARS],
+        LONG_PROMPT[:EXCERPT_CHARS],
+        "skip the cache",
+        "over the limit",
+    ]
+    assert len(events[0].prompt) == EXCERPT_CHARS
+    assert [event.cached for event in events] == [False, True, False, False]
+    assert [event.blocked for event in events] == [False, False, False, True]
+    assert {event.client for event in events} == {"127.0.0.1"}
+    assert {event.model for event in events} == {running.settings.default_model}
+    orders = [event_order(event.id) for event in events]
+    assert orders == sorted(set(orders))
+    assert all(
+        event.time.ToMilliseconds() == order[0] for event, order in zip(events, orders, strict=True)
+    )
+
+
+async def test_watch_resume_since_id(start_server: Any, valkey_url: str) -> None:
+    running: Running = await start_server(valkey_url, rate_limit=100)
+    first = await ActivityWatch.open(running.channel())
+    for n in range(6):
+        await running.client.generate(f"resume {n}")
+    recorded = [response.event for response in await first.take(6)]
+    resume_after = recorded[2]
+
+    for n in range(6, 9):
+        await running.client.generate(f"resume {n}")
+    recorded += [response.event for response in await first.take(3)]
+    await first.close()
+
+    resumed = await ActivityWatch.open(running.channel(), since_id=resume_after.id)
+    await running.client.generate("resume 9")
+    received = [response.event for response in await resumed.take(7)]
+    await running.client.generate("resume 10")
+    following = (await resumed.next()).event
+    await resumed.close()
+
+    assert resume_after.prompt == "resume 2"
+    assert [event.prompt for event in received] == [f"resume {n}" for n in range(3, 10)]
+    assert [event.id for event in received[:6]] == [event.id for event in recorded[3:]]
+    assert event_order(received[6].id) > event_order(recorded[-1].id)
+    assert following.prompt == "resume 10"
+
+
+async def test_watch_types_filter(start_server: Any, valkey_url: str) -> None:
+    running: Running = await start_server(valkey_url, rate_limit=4)
+    channel = running.channel()
+    everything = await ActivityWatch.open(channel)
+    hits_and_rejections = await ActivityWatch.open(
+        channel, types=[pb.ACTIVITY_TYPE_CACHE_HIT, pb.ACTIVITY_TYPE_RATE_LIMITED]
+    )
+    requests_and_misses = await ActivityWatch.open(
+        channel, types=[pb.ACTIVITY_TYPE_REQUEST, pb.ACTIVITY_TYPE_CACHE_MISS]
+    )
+
+    # Each filter's last matching event comes last, so an event of another
+    # type delivered by mistake shows up among the ones read.
+    await running.client.generate("filter A")
+    await running.client.generate("filter A")
+    await running.client.generate("filter B", skip_cache=True)
+    await running.client.generate("filter C")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await running.client.generate("filter D")
+    await running.client.generate("filter A", metadata=forwarded_for(FORWARDED_CLIENT))
+    await running.client.generate(
+        "filter B", skip_cache=True, metadata=forwarded_for(FORWARDED_CLIENT)
+    )
+    await running.client.generate("filter A", metadata=forwarded_for(FORWARDED_CLIENT))
+
+    all_events = [response.event for response in await everything.take(8)]
+    first_filtered = [response.event for response in await hits_and_rejections.take(4)]
+    second_filtered = [response.event for response in await requests_and_misses.take(4)]
+
+    # The filter applies to the events replayed after since_id as well.
+    replayed_hits = await ActivityWatch.open(
+        channel, since_id=all_events[0].id, types=[pb.ACTIVITY_TYPE_CACHE_HIT]
+    )
+    replayed = [response.event for response in await replayed_hits.take(3)]
+    await running.client.generate(
+        "filter B", skip_cache=True, metadata=forwarded_for(SECOND_FORWARDED_CLIENT)
+    )
+    await running.client.generate("filter A", metadata=forwarded_for(SECOND_FORWARDED_CLIENT))
+    live = (await replayed_hits.next()).event
+    for watch in (everything, hits_and_rejections, requests_and_misses, replayed_hits):
+        await watch.close()
+
+    assert [event.type for event in first_filtered] == [
+        pb.ACTIVITY_TYPE_CACHE_HIT,
+        pb.ACTIVITY_TYPE_RATE_LIMITED,
+        pb.ACTIVITY_TYPE_CACHE_HIT,
+        pb.ACTIVITY_TYPE_CACHE_HIT,
+    ]
+    assert [event.type for event in second_filtered] == [
+        pb.ACTIVITY_TYPE_CACHE_MISS,
+        pb.ACTIVITY_TYPE_REQUEST,
+        pb.ACTIVITY_TYPE_CACHE_MISS,
+        pb.ACTIVITY_TYPE_REQUEST,
+    ]
+    assert [event.id for event in first_filtered] == [
+        event.id
+        for event in all_events
+        if event.type in (pb.ACTIVITY_TYPE_CACHE_HIT, pb.ACTIVITY_TYPE_RATE_LIMITED)
+    ]
+    assert [event.id for event in second_filtered] == [
+        event.id
+        for event in all_events
+        if event.type in (pb.ACTIVITY_TYPE_REQUEST, pb.ACTIVITY_TYPE_CACHE_MISS)
+    ]
+    assert [event.client for event in first_filtered] == [
+        "127.0.0.1",
+        "127.0.0.1",
+        FORWARDED_CLIENT,
+        FORWARDED_CLIENT,
+    ]
+    assert [event.id for event in replayed] == [
+        event.id for event in all_events if event.type == pb.ACTIVITY_TYPE_CACHE_HIT
+    ]
+    assert live.type == pb.ACTIVITY_TYPE_CACHE_HIT
+    assert live.client == SECOND_FORWARDED_CLIENT
+    assert event_order(live.id) > event_order(all_events[-1].id)
+
+
+async def test_watch_cancel_leaves_no_task(running_valkey: Running) -> None:
+    hub = running_valkey.core.hub
+    watch = await ActivityWatch.open(running_valkey.channel(), read=False)
+
+    assert hub.watcher_count == 1
+    assert hub.reader_running
+    assert len(watch_handler_tasks()) == 1
+    assert len(reader_tasks()) == 1
+
+    watch.call.cancel()
+
+    assert await wait_until(lambda: hub.watcher_count == 0)
+    assert await wait_until(lambda: not hub.reader_running)
+    assert await wait_until(lambda: not watch_handler_tasks())
+    assert await wait_until(lambda: not reader_tasks())
+
+
+async def test_slow_watcher_drop_count(start_server: Any, valkey_url: str) -> None:
+    running: Running = await start_server(valkey_url, watch_queue_size=2, rate_limit=100)
+    channel = grpc.aio.insecure_channel(running.address, options=SLOW_CHANNEL_OPTIONS)
+    try:
+        watch = await ActivityWatch.open(channel, read=False)
+        burst = 10
+        for n in range(burst):
+            await running.client.generate(f"slow watcher {n}")
+        watch.start_reading()
+
+        # The server sends the count of lost events with the next delivered
+        # event, so marker calls are made until one of them arrives. A marker
+        # made while the queue is still full is lost and counted too.
+        produced = burst
+        received: list[pb.WatchActivityResponse] = []
+        deadline = time.monotonic() + 20.0
+        while time.monotonic() < deadline:
+            marker = f"slow watcher marker {produced}"
+            await running.client.generate(marker)
+            produced += 1
+            while True:
+                try:
+                    received.append(await watch.next(timeout=1.0))
+                except TimeoutError:
+                    break
+                if received[-1].event.prompt == marker:
+                    break
+            if received and received[-1].event.prompt == marker:
+                break
+        await watch.close()
+    finally:
+        await channel.close()
+
+    dropped = sum(response.dropped for response in received)
+    print(f"slow watcher: {produced} events produced, {len(received)} received, {dropped} dropped")
+    assert received[-1].event.prompt.startswith("slow watcher marker")
+    assert dropped > 0
+    assert len(received) + dropped == produced
+    orders = [event_order(response.event.id) for response in received]
+    assert orders == sorted(set(orders))

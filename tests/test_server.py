@@ -1,0 +1,407 @@
+"""The server as a whole: reflection, health, and the `tokenflow` command run as
+subprocesses, including shutdown on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf import descriptor_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
+
+from tests.conftest import Running
+from tests.helpers import ActivityWatch
+from tokenflow_grpc.v1 import tokenflow_pb2 as pb
+from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
+
+# The console script installed next to the Python running the tests.
+TOKENFLOW = str(Path(sys.executable).parent / "tokenflow")
+SERVICE_NAME = "tokenflow.v1.TokenFlowService"
+REFLECTION_PATHS = {
+    "v1": "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "v1alpha": "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+}
+STARTUP_SECONDS = 30.0
+STOP_SECONDS = 10.0
+CLI_SECONDS = 60.0
+VALKEY_URL_IN_LOG = re.compile(r"embedded Valkey started at redis://127\.0\.0\.1:(\d+)/")
+
+
+async def reflect(
+    channel: grpc.aio.Channel, path: str, requests: list[reflection_pb2.ServerReflectionRequest]
+) -> list[reflection_pb2.ServerReflectionResponse]:
+    """Send requests on one ServerReflectionInfo stream and return the responses."""
+    info = channel.stream_stream(
+        path,
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    call = info(iter(requests), timeout=10.0)
+    return [response async for response in call]
+
+
+def first_file(
+    response: reflection_pb2.ServerReflectionResponse,
+) -> descriptor_pb2.FileDescriptorProto:
+    """Parse the first file descriptor of a file_descriptor_response."""
+    return descriptor_pb2.FileDescriptorProto.FromString(
+        response.file_descriptor_response.file_descriptor_proto[0]
+    )
+
+
+@pytest.mark.parametrize("version", sorted(REFLECTION_PATHS))
+async def test_reflection_lists_and_describes(running_valkey: Running, version: str) -> None:
+    responses = await reflect(
+        running_valkey.channel(),
+        REFLECTION_PATHS[version],
+        [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME),
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="grpc.reflection.v1.ServerReflection"
+            ),
+        ],
+    )
+    listing, tokenflow_file, reflection_file = responses
+    services = {service.name for service in listing.list_services_response.service}
+    tokenflow_proto = first_file(tokenflow_file)
+    reflection_proto = first_file(reflection_file)
+
+    assert len(responses) == 3
+    assert SERVICE_NAME in services
+    assert "grpc.health.v1.Health" in services
+    assert "grpc.reflection.v1.ServerReflection" in services
+    assert "grpc.reflection.v1alpha.ServerReflection" in services
+    assert not tokenflow_file.HasField("error_response")
+    assert tokenflow_proto.name == "tokenflow/v1/tokenflow.proto"
+    assert [method.name for method in tokenflow_proto.service[0].method] == [
+        "Generate",
+        "GetStats",
+        "Simulate",
+        "WatchActivity",
+    ]
+    assert not reflection_file.HasField("error_response")
+    assert reflection_proto.name == "grpc/reflection/v1/reflection.proto"
+    assert reflection_proto.package == "grpc.reflection.v1"
+    assert [service.name for service in reflection_proto.service] == ["ServerReflection"]
+
+
+@pytest.mark.parametrize("service", ["", SERVICE_NAME, "valkey"])
+async def test_health_serving(running_valkey: Running, service: str) -> None:
+    stub = health_pb2_grpc.HealthStub(running_valkey.channel())
+
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5.0)
+
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def free_port() -> int:
+    """Return a loopback port that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def child_pids(parent: int) -> list[int]:
+    """Return the ids of the processes whose parent is parent, from /proc."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # The command name is in brackets and may contain spaces.
+        fields = stat.rpartition(")")[2].split()
+        if int(fields[1]) == parent:
+            children.append(int(entry.name))
+    return children
+
+
+def process_exists(pid: int) -> bool:
+    """Return True while pid is a process that has not exited (a zombie has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+def port_accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1.0):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class ServeProcess:
+    """A `tokenflow serve` subprocess with its own embedded Valkey."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    stdout_path: Path
+    stderr_path: Path
+    # Processes the server had started once it was SERVING: its embedded Valkey.
+    children: list[int] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = STARTUP_SECONDS) -> None:
+        """Poll the health service until it reports SERVING, or fail with the log."""
+        deadline = time.monotonic() + timeout
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    raise AssertionError(
+                        f"tokenflow serve exited with {self.process.returncode}:\n{self.log}"
+                    )
+                try:
+                    reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+        raise AssertionError(f"tokenflow serve not SERVING after {timeout} s:\n{self.log}")
+
+    def valkey_port(self) -> int:
+        match = VALKEY_URL_IN_LOG.search(self.log)
+        if match is None:
+            raise AssertionError(f"no embedded Valkey address in the log:\n{self.log}")
+        return int(match.group(1))
+
+    def stop(self, timeout: float = STOP_SECONDS) -> int:
+        """Send SIGTERM and return the exit code."""
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout)
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Any]:
+    """Return a function that starts `tokenflow serve`. Teardown stops any still running."""
+    started: list[ServeProcess] = []
+
+    def start(data_dir: Path, *extra: str) -> ServeProcess:
+        port = free_port()
+        run_dir = tmp_path / f"run-{len(started)}"
+        run_dir.mkdir()
+        stdout_path, stderr_path = run_dir / "stdout.txt", run_dir / "stderr.txt"
+        with stdout_path.open("wb") as stdout, stderr_path.open("wb") as stderr:
+            process = subprocess.Popen(
+                [
+                    TOKENFLOW,
+                    "serve",
+                    "--grpc-address",
+                    f"127.0.0.1:{port}",
+                    "--data-dir",
+                    str(data_dir),
+                    *extra,
+                ],
+                stdout=stdout,
+                stderr=stderr,
+                cwd=run_dir,
+            )
+        serving = ServeProcess(process, port, stdout_path, stderr_path)
+        started.append(serving)
+        serving.wait_ready()
+        serving.children = child_pids(process.pid)
+        return serving
+
+    yield start
+
+    for serving in started:
+        if serving.process.poll() is None:
+            serving.process.send_signal(signal.SIGTERM)
+            try:
+                serving.process.wait(STOP_SECONDS)
+            except subprocess.TimeoutExpired:
+                serving.process.kill()
+                serving.process.wait(STOP_SECONDS)
+        for pid in serving.children:
+            if process_exists(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def run_cli(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [TOKENFLOW, *arguments], capture_output=True, text=True, timeout=CLI_SECONDS, check=False
+    )
+
+
+def cli_json(*arguments: str) -> dict[str, Any]:
+    """Run a client command that must succeed and return its parsed JSON output."""
+    completed = run_cli(*arguments)
+    if completed.returncode != 0:
+        raise AssertionError(
+            f"tokenflow {' '.join(arguments)} exited with {completed.returncode}: "
+            f"{completed.stderr}"
+        )
+    parsed: dict[str, Any] = json.loads(completed.stdout)
+    return parsed
+
+
+def wait_until_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
+    """Poll until none of pids runs, and return the ones still running at the timeout."""
+    deadline = time.monotonic() + timeout
+    while any(process_exists(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return [pid for pid in pids if process_exists(pid)]
+
+
+def test_cli_end_to_end(serve: Any, tmp_path: Path) -> None:
+    server: ServeProcess = serve(tmp_path / "data")
+    target = ("--target", server.target)
+    valkey_port = server.valkey_port()
+
+    first = cli_json("generate", "What is a token bucket?", *target)
+    second = cli_json("generate", "What is a token bucket?", *target)
+    stats = cli_json("stats", *target)
+    simulated = cli_json("simulate", "--count", "20", *target)
+
+    watcher = subprocess.Popen(
+        [TOKENFLOW, "watch", "--count", "1", *target],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # The watch prints nothing when it subscribes, so probes are sent until
+    # it has printed its one event and exited.
+    probes: list[str] = []
+    deadline = time.monotonic() + 30.0
+    while watcher.poll() is None and time.monotonic() < deadline:
+        probes.append(f"watch probe {len(probes)}")
+        cli_json("generate", probes[-1], *target)
+        try:
+            watcher.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            pass
+    if watcher.poll() is None:
+        watcher.kill()
+    watch_output, watch_errors = watcher.communicate(timeout=5.0)
+    watch_lines = watch_output.splitlines()
+    watched = json.loads(watch_lines[0])["event"]
+
+    exit_code = server.stop()
+    still_running = wait_until_gone(server.children)
+
+    assert first["response"]
+    assert first["model"] == "tokenflow-sim-1"
+    assert first.get("cached", False) is False
+    assert first["rateLimit"]["limit"] == 10
+    assert first["rateLimit"]["remaining"] == 9
+    assert re.fullmatch(r"[0-9a-f]{64}", first["cacheKey"])
+    assert second["cached"] is True
+    assert second["response"] == first["response"]
+    assert second["rateLimit"]["remaining"] == 8
+
+    assert stats["connected"] is True
+    assert stats["rateLimit"]["requestsTotal"] == "2"
+    assert stats["cache"]["hits"] == "1"
+    assert stats["cache"]["misses"] == "1"
+    assert stats["cache"]["cachedKeys"] == "1"
+    assert [event["type"] for event in stats["activity"]] == [
+        "ACTIVITY_TYPE_CACHE_HIT",
+        "ACTIVITY_TYPE_CACHE_MISS",
+    ]
+
+    summary = simulated["summary"]
+    assert summary["total"] == 20
+    assert summary.get("successful", 0) + summary.get("blocked", 0) == 20
+    assert summary.get("failed", 0) == 0
+    assert len(simulated["results"]) == 20
+
+    assert watcher.returncode == 0, watch_errors
+    assert len(watch_lines) == 1
+    assert watched["prompt"] in probes
+    assert watched["type"] == "ACTIVITY_TYPE_CACHE_MISS"
+    assert watched["client"] == "127.0.0.1"
+
+    assert exit_code == 0
+    assert f"TokenFlow is serving gRPC on {server.target}" in server.stdout_path.read_text()
+    assert "TokenFlow stopped" in server.log
+    assert len(server.children) == 1
+    assert still_running == []
+    assert not port_accepts(valkey_port)
+
+
+def test_cli_restart_keeps_data(serve: Any, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    first_server: ServeProcess = serve(data_dir)
+    first = cli_json("generate", "Kept across restarts", "--target", first_server.target)
+    first_stats = cli_json("stats", "--target", first_server.target)
+    first_exit = first_server.stop()
+
+    second_server: ServeProcess = serve(data_dir)
+    second_stats = cli_json("stats", "--target", second_server.target)
+    again = cli_json("generate", "Kept across restarts", "--target", second_server.target)
+    second_exit = second_server.stop()
+
+    assert first_exit == 0
+    assert second_exit == 0
+    assert first_stats["rateLimit"]["requestsTotal"] == "1"
+    assert second_stats["rateLimit"]["requestsTotal"] == "1"
+    assert second_stats["cache"]["misses"] == "1"
+    assert second_stats["cache"]["cachedKeys"] == "1"
+    assert again["cached"] is True
+    assert again["response"] == first["response"]
+    # The rate-limit window (60 s by default) survives the restart too.
+    assert again["rateLimit"]["remaining"] == 8
+
+
+async def test_sigterm_drains_generate(serve: Any, tmp_path: Path) -> None:
+    server: ServeProcess = serve(tmp_path / "data", "--generator-latency", "0.5")
+    channel = grpc.aio.insecure_channel(server.target)
+    try:
+        watch = await ActivityWatch.open(channel)
+        stub = pb_grpc.TokenFlowServiceStub(channel)
+        call = stub.Generate(pb.GenerateRequest(prompt="drain me"), timeout=10.0)
+        generating = asyncio.ensure_future(call)
+
+        # The event is recorded before the generator runs, so once it arrives
+        # the call is inside the generator's 0.5 s.
+        started = (await watch.next()).event
+        in_flight = not generating.done()
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+
+        response = await asyncio.wait_for(generating, 10.0)
+        exit_code = await asyncio.to_thread(server.process.wait, STOP_SECONDS)
+        stop_seconds = time.monotonic() - signalled
+        await asyncio.wait_for(watch.ended.wait(), 5.0)
+    finally:
+        await channel.close()
+    print(f"SIGTERM to exit with one Generate in flight: {stop_seconds:.3f} s")
+
+    assert started.prompt == "drain me"
+    assert in_flight
+    assert response.response
+    assert response.cached is False
+    assert response.HasField("rate_limit")
+    assert exit_code == 0
+    assert stop_seconds < 5.0
+    assert "TokenFlow stopped" in server.log
+    assert watch.error is None
