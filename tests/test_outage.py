@@ -260,15 +260,6 @@ async def test_recovery_after_restart(own_valkey: RestartableValkey, start_serve
     assert [event.prompt for event in received] == recorded_prompts
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "bug: ActivityHub.subscribe() registers the subscription, then waits for the "
-        "reader, which retries while Valkey is down. A cancellation during that wait skips "
-        "the unsubscribe in ActivityHub.subscription(), so the watcher and its reader stay "
-        "(tokenflow_grpc/activity.py lines 141-156)"
-    ),
-)
 async def test_watch_cancel_during_outage(own_valkey: RestartableValkey, start_server: Any) -> None:
     running: Running = await start_server(own_valkey.url)
     hub = running.core.hub

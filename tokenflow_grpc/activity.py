@@ -143,7 +143,12 @@ class ActivityHub:
         subscription = Subscription(asyncio.Queue(self._queue_size), frozenset(types))
         self._subscribers.add(subscription)
         reader = self._ensure_reader()
-        await reader.ready.wait()
+        try:
+            await reader.ready.wait()
+        except BaseException:
+            # Cancelled while Valkey is unreachable: leave no watcher behind.
+            self.unsubscribe(subscription)
+            raise
         return subscription
 
     @contextlib.asynccontextmanager

@@ -48,8 +48,9 @@ async def serve(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        await server.start()
-        print(f"TokenFlow is serving gRPC on {settings.grpc_address}", flush=True)
+        port = await server.start()
+        host = settings.grpc_address.rsplit(":", 1)[0]
+        print(f"TokenFlow is serving gRPC on {host}:{port}", flush=True)
         await stop.wait()
         await server.stop(SHUTDOWN_GRACE_SECONDS)
     finally:
