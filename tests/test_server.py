@@ -219,6 +219,8 @@ def serve(tmp_path: Path) -> Iterator[Any]:
                     f"127.0.0.1:{port}",
                     "--data-dir",
                     str(data_dir),
+                    "--http-address",
+                    "127.0.0.1:0",
                     *extra,
                 ],
                 stdout=stdout,

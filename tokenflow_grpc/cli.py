@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -15,7 +16,7 @@ from google.protobuf import json_format
 
 from tokenflow_grpc.client import DEFAULT_TARGET, DEFAULT_TIMEOUT, TokenFlowClient
 from tokenflow_grpc.errors import ConfigurationError
-from tokenflow_grpc.settings import Settings, add_arguments, settings_from
+from tokenflow_grpc.settings import GatewaySettings, Settings, add_arguments, settings_from
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 
 logger = logging.getLogger("tokenflow")
@@ -32,30 +33,81 @@ def _print_rpc_error(error: grpc.aio.AioRpcError) -> int:
     return 1
 
 
+def local_target(grpc_address: str, port: int) -> str:
+    """Return the address a local client uses for a server bound to grpc_address."""
+    host = grpc_address.rsplit(":", 1)[0]
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host in ("[::]", "::"):
+        host = "[::1]"
+    return f"{host}:{port}"
+
+
 async def serve(settings: Settings) -> None:
-    """Run the server until SIGTERM or SIGINT, then drain and stop."""
+    """Run the server and its gateway until SIGTERM or SIGINT, then drain and stop."""
+    from tokenflow_grpc.gateway import start_gateway
     from tokenflow_grpc.server import TokenFlowServer
     from tokenflow_grpc.valkey import EmbeddedValkey
 
     embedded = None
     if not settings.valkey_url:
         embedded = EmbeddedValkey(settings.data_dir)
-        settings = Settings(**{**settings.__dict__, "valkey_url": embedded.start()})
+        settings = dataclasses.replace(settings, valkey_url=embedded.start())
 
     server = TokenFlowServer(settings)
+    gateway = None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
         port = await server.start()
-        host = settings.grpc_address.rsplit(":", 1)[0]
-        print(f"TokenFlow is serving gRPC on {host}:{port}", flush=True)
+        target = local_target(settings.grpc_address, port)
+        print(f"TokenFlow is serving gRPC on {target}", flush=True)
+        if not settings.no_gateway:
+            gateway = await start_gateway(
+                target,
+                settings.http_address,
+                settings.gateway_trusted_proxies,
+                settings.http_max_body_bytes,
+            )
+            http_host = settings.http_address.rsplit(":", 1)[0]
+            print(
+                f"TokenFlow gateway is serving HTTP on http://{http_host}:{gateway.port}",
+                flush=True,
+            )
         await stop.wait()
-        await server.stop(SHUTDOWN_GRACE_SECONDS)
+        stopping = [server.stop(SHUTDOWN_GRACE_SECONDS)]
+        if gateway is not None:
+            stopping.append(gateway.stop())
+        await asyncio.gather(*stopping)
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+async def run_gateway(settings: GatewaySettings) -> None:
+    """Run a gateway in front of settings.target until SIGTERM or SIGINT."""
+    from tokenflow_grpc.gateway import start_gateway
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    gateway = await start_gateway(
+        settings.target,
+        settings.http_address,
+        settings.gateway_trusted_proxies,
+        settings.http_max_body_bytes,
+    )
+    http_host = settings.http_address.rsplit(":", 1)[0]
+    print(
+        f"TokenFlow gateway is serving HTTP on http://{http_host}:{gateway.port} "
+        f"for {settings.target}",
+        flush=True,
+    )
+    await stop.wait()
+    await gateway.stop()
 
 
 async def generate(arguments: argparse.Namespace) -> int:
@@ -125,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(serve_parser)
 
+    gateway_parser = commands.add_parser(
+        "gateway", help="Run the HTTP/JSON gateway in front of a TokenFlow gRPC server."
+    )
+    add_arguments(gateway_parser, GatewaySettings)
+
     def client_command(name: str, help: str) -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=help)
         command.add_argument(
@@ -172,20 +229,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_service(arguments: argparse.Namespace, cls: type, run: Callable[[Any], Any]) -> int:
+    """Build the settings of a long-running command, set up logging, and run it."""
+    try:
+        settings: Any = settings_from(arguments, cls=cls)
+    except ConfigurationError as error:
+        print(f"tokenflow {arguments.command}: {error}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        asyncio.run(run(settings))
+    except OSError as error:
+        print(f"tokenflow {arguments.command}: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
     if arguments.command == "serve":
-        try:
-            settings = settings_from(arguments)
-        except ConfigurationError as error:
-            print(f"tokenflow serve: {error}", file=sys.stderr)
-            return 2
-        logging.basicConfig(
-            level=settings.log_level,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
-        asyncio.run(serve(settings))
-        return 0
+        return _run_service(arguments, Settings, serve)
+    if arguments.command == "gateway":
+        return _run_service(arguments, GatewaySettings, run_gateway)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     command = {"generate": generate, "stats": stats, "simulate": simulate, "watch": watch}

@@ -35,9 +35,13 @@ class Decision:
         return math.ceil(self.retry_after_ms / 1000)
 
     def metadata(self) -> list[tuple[str, str]]:
-        """The x-ratelimit-* metadata of a Generate response (retry-after when rejected)."""
+        """The x-ratelimit-* metadata of a Generate response (retry-after when rejected).
+
+        x-ratelimit-window is the window length in whole seconds, rounded up.
+        """
         pairs = [
             ("x-ratelimit-limit", str(self.limit)),
+            ("x-ratelimit-window", str(math.ceil(self.window_ms / 1000))),
             ("x-ratelimit-remaining", str(self.remaining)),
             ("x-ratelimit-reset", str(self.reset_seconds)),
         ]

@@ -9,13 +9,14 @@ import ipaddress
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from tokenflow_grpc.errors import ConfigurationError
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_TRUSTED_PROXIES = "127.0.0.0/8,::1/128"
+SettingsType = TypeVar("SettingsType")
 
 
 def parse_networks(text: str) -> tuple[Network, ...]:
@@ -41,6 +42,15 @@ def parse_models(text: str) -> tuple[str, ...]:
     return models
 
 
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
 def _option(
     flag: str,
     env: str,
@@ -48,9 +58,59 @@ def _option(
     default: Any,
     parse: Callable[[str], Any] | None = None,
     choices: Sequence[str] | None = None,
+    switch: bool = False,
 ) -> Any:
-    metadata = {"flag": flag, "env": env, "help": help, "parse": parse, "choices": choices}
+    """Declare a settings field; switch=True makes a flag that takes no value."""
+    metadata = {
+        "flag": flag,
+        "env": env,
+        "help": help,
+        "parse": parse_bool if switch else parse,
+        "choices": choices,
+        "switch": switch,
+    }
     return field(default=default, metadata=metadata)
+
+
+# Options shared by `tokenflow serve` and `tokenflow gateway`.
+def _http_address() -> Any:
+    return _option(
+        "--http-address",
+        "TOKENFLOW_HTTP_ADDRESS",
+        "HTTP/JSON gateway listen address, HOST:PORT.",
+        "127.0.0.1:8080",
+    )
+
+
+def _gateway_trusted_proxies() -> Any:
+    return _option(
+        "--gateway-trusted-proxies",
+        "TOKENFLOW_GATEWAY_TRUSTED_PROXIES",
+        "Comma-separated networks of HTTP proxies in front of the gateway whose "
+        "X-Forwarded-For header it passes on; from other clients the header is dropped.",
+        (),
+        parse=parse_networks,
+    )
+
+
+def _http_max_body_bytes() -> Any:
+    return _option(
+        "--http-max-body-bytes",
+        "TOKENFLOW_HTTP_MAX_BODY_BYTES",
+        "Largest HTTP request body the gateway accepts, in bytes.",
+        1024 * 1024,
+        parse=int,
+    )
+
+
+def _log_level() -> Any:
+    return _option(
+        "--log-level",
+        "TOKENFLOW_LOG_LEVEL",
+        "Logging level.",
+        "INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+    )
 
 
 @dataclass(frozen=True)
@@ -181,13 +241,17 @@ class Settings:
         1.0,
         parse=float,
     )
-    log_level: str = _option(
-        "--log-level",
-        "TOKENFLOW_LOG_LEVEL",
-        "Logging level.",
-        "INFO",
-        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+    http_address: str = _http_address()
+    no_gateway: bool = _option(
+        "--no-gateway",
+        "TOKENFLOW_NO_GATEWAY",
+        "Do not start the HTTP/JSON gateway.",
+        False,
+        switch=True,
     )
+    gateway_trusted_proxies: tuple[Network, ...] = _gateway_trusted_proxies()
+    http_max_body_bytes: int = _http_max_body_bytes()
+    log_level: str = _log_level()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -208,6 +272,7 @@ class Settings:
             "--activity-max-events": self.activity_max_events,
             "--watch-queue-size": self.watch_queue_size,
             "--valkey-timeout": self.valkey_timeout,
+            "--http-max-body-bytes": self.http_max_body_bytes,
         }
         for flag, value in positive.items():
             if value <= 0:
@@ -231,12 +296,44 @@ class Settings:
             )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one option per Settings field; each default comes from its environment variable."""
-    for settings_field in dataclasses.fields(Settings):
+@dataclass(frozen=True)
+class GatewaySettings:
+    """Settings of a gateway process started with `tokenflow gateway`."""
+
+    target: str = _option(
+        "--target",
+        "TOKENFLOW_TARGET",
+        "Address of the TokenFlow gRPC server, HOST:PORT.",
+        "127.0.0.1:50051",
+    )
+    http_address: str = _http_address()
+    gateway_trusted_proxies: tuple[Network, ...] = _gateway_trusted_proxies()
+    http_max_body_bytes: int = _http_max_body_bytes()
+    log_level: str = _log_level()
+
+    def __post_init__(self) -> None:
+        if self.http_max_body_bytes <= 0:
+            raise ConfigurationError(
+                f"--http-max-body-bytes must be greater than 0, got {self.http_max_body_bytes}"
+            )
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type = Settings) -> None:
+    """Add one option per field of cls; each default comes from its environment variable."""
+    for settings_field in dataclasses.fields(cls):
         meta = settings_field.metadata
         default = settings_field.default
         shown = ",".join(str(n) for n in default) if isinstance(default, tuple) else default
+        if meta["switch"]:
+            parser.add_argument(
+                meta["flag"],
+                dest=settings_field.name,
+                action="store_const",
+                const="true",
+                default=None,
+                help=f"{meta['help']} Environment: {meta['env']}=true.",
+            )
+            continue
         parser.add_argument(
             meta["flag"],
             dest=settings_field.name,
@@ -248,12 +345,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from(
-    arguments: argparse.Namespace | None = None, environ: dict[str, str] | None = None
-) -> Settings:
-    """Build Settings from parsed flags, falling back to environment variables and defaults."""
+    arguments: argparse.Namespace | None = None,
+    environ: dict[str, str] | None = None,
+    cls: type[SettingsType] = Settings,  # type: ignore[assignment]
+) -> SettingsType:
+    """Build cls from parsed flags, falling back to environment variables and defaults."""
     environ = dict(os.environ) if environ is None else environ
     values: dict[str, Any] = {}
-    for settings_field in dataclasses.fields(Settings):
+    for settings_field in dataclasses.fields(cls):  # type: ignore[arg-type]
         meta = settings_field.metadata
         raw = getattr(arguments, settings_field.name, None) if arguments else None
         if raw is None:
@@ -271,4 +370,4 @@ def settings_from(
             raise ConfigurationError(
                 f"invalid value {raw!r} for {meta['flag']}: {error}"
             ) from error
-    return Settings(**values)
+    return cls(**values)

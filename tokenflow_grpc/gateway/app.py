@@ -1,0 +1,316 @@
+"""The HTTP/JSON gateway: an aiohttp application that transcodes each request
+to a call on a gRPC channel, like grpc-gateway. Routes come from the
+services' google.api.http annotations; the gateway never imports the core."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+from aiohttp import web
+from google.protobuf import descriptor
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tokenflow_grpc.gateway.headers import (
+    HeaderError,
+    parse_timeout,
+    request_metadata,
+    response_headers,
+)
+from tokenflow_grpc.gateway.openapi import build_openapi
+from tokenflow_grpc.gateway.routes import Route, routes_for
+from tokenflow_grpc.gateway.transcode import (
+    TranscodeError,
+    build_request,
+    error_json,
+    http_status,
+    status_json,
+    to_json,
+)
+from tokenflow_grpc.settings import Network
+
+logger = logging.getLogger(__name__)
+
+NDJSON = "application/x-ndjson"
+EVENT_STREAM = "text/event-stream"
+# A streaming request with this string field resumes from an SSE Last-Event-ID,
+# and a response with this field path gives each SSE event its id.
+RESUME_FIELD = "since_id"
+EVENT_ID_PATH = ("event", "id")
+SSE_KEEPALIVE_SECONDS = 15.0
+HEALTH_TIMEOUT_SECONDS = 2.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def error_response(
+    code: grpc.StatusCode, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.json_response(status_json(code, message), status=http_status(code), headers=headers)
+
+
+@web.middleware
+async def status_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give every error response, aiohttp's own included, a google.rpc.Status body."""
+    try:
+        return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app._client_max_size  # NOTE: aiohttp keeps the limit only here.
+        body = status_json(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request body exceeds the maximum of {limit} bytes (--http-max-body-bytes)",
+        )
+        return web.json_response(body, status=413)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        code = (
+            grpc.StatusCode.NOT_FOUND if error.status == 404 else grpc.StatusCode.INVALID_ARGUMENT
+        )
+        return web.json_response(status_json(code, error.reason), status=error.status)
+    except Exception:
+        logger.exception("gateway failed on %s %s", request.method, request.path)
+        return error_response(grpc.StatusCode.INTERNAL, "internal gateway error")
+
+
+class Gateway:
+    """Routes HTTP requests to the methods of services on a gRPC channel."""
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        services: Iterable[descriptor.ServiceDescriptor],
+        trusted_proxies: tuple[Network, ...] = (),
+        max_body_bytes: int = 1024 * 1024,
+    ) -> None:
+        self.channel = channel
+        self.routes = routes_for(services)
+        self.trusted_proxies = trusted_proxies
+        self.max_body_bytes = max_body_bytes
+        self.openapi = build_openapi(self.routes)
+        self._callables = {route.grpc_path: self._callable(route) for route in self.routes}
+        self._health = health_pb2_grpc.HealthStub(channel)
+
+    def _callable(self, route: Route) -> Any:
+        factory = self.channel.unary_stream if route.server_streaming else self.channel.unary_unary
+        return factory(
+            route.grpc_path,
+            request_serializer=route.request_class.SerializeToString,
+            response_deserializer=route.response_class.FromString,
+        )
+
+    def application(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[status_errors])
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/openapi.json", self.openapi_document)
+        app.router.add_route("*", "/{tail:.*}", self.dispatch)
+        return app
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        """Report the server's overall gRPC health: 200 when SERVING, else 503."""
+        try:
+            reply = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=HEALTH_TIMEOUT_SECONDS
+            )
+        except grpc.aio.AioRpcError as error:
+            return web.json_response({"status": "UNKNOWN", "error": error_json(error)}, status=503)
+        name = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        ok = reply.status == health_pb2.HealthCheckResponse.SERVING
+        return web.json_response({"status": name}, status=200 if ok else 503)
+
+    async def openapi_document(self, request: web.Request) -> web.Response:
+        return web.json_response(self.openapi)
+
+    def find_route(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
+        """Return the route and path variables for a request, or raise 404 or 405."""
+        allowed = []
+        for route in self.routes:
+            values = route.template.match(path)
+            if values is None:
+                continue
+            if route.http_method == method:
+                return route, values
+            allowed.append(route.http_method)
+        if allowed:
+            raise web.HTTPMethodNotAllowed(method, sorted(set(allowed)))
+        raise web.HTTPNotFound(reason=f"no route for {path}")
+
+    async def dispatch(self, request: web.Request) -> web.StreamResponse:
+        try:
+            route, path_values = self.find_route(request.method, request.path)
+        except web.HTTPMethodNotAllowed as error:
+            return web.json_response(
+                status_json(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    f"method {request.method} is not allowed on {request.path}; "
+                    f"allowed: {', '.join(error.allowed_methods)}",
+                ),
+                status=405,
+                headers={"Allow": ", ".join(sorted(error.allowed_methods))},
+            )
+        except web.HTTPNotFound:
+            return error_response(grpc.StatusCode.NOT_FOUND, f"no route for {request.path}")
+
+        try:
+            body = await request.read() if route.body else b""
+            query = {key: request.query.getall(key) for key in request.query.keys()}
+            message = build_request(route, path_values, query, body)
+            timeout = _timeout(request)
+        except (TranscodeError, HeaderError) as error:
+            return error_response(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+
+        metadata = request_metadata(request.headers, request.remote, self.trusted_proxies)
+        if route.server_streaming:
+            return await self.stream(request, route, message, metadata, timeout)
+        return await self.unary(route, message, metadata, timeout)
+
+    async def unary(
+        self,
+        route: Route,
+        message: Message,
+        metadata: list[tuple[str, str]],
+        timeout: float | None,
+    ) -> web.Response:
+        call = self._callables[route.grpc_path](message, metadata=metadata, timeout=timeout)
+        try:
+            response = await call
+        except grpc.aio.AioRpcError as error:
+            return _rpc_error_response(error)
+        headers = response_headers(await call.initial_metadata(), await call.trailing_metadata())
+        return web.json_response(to_json(response), headers=headers)
+
+    async def stream(
+        self,
+        request: web.Request,
+        route: Route,
+        message: Message,
+        metadata: list[tuple[str, str]],
+        timeout: float | None,
+    ) -> web.StreamResponse:
+        """Relay a server stream as NDJSON, or as Server-Sent Events when accepted."""
+        sse = EVENT_STREAM in request.headers.get("Accept", "")
+        last_event_id = request.headers.get("Last-Event-ID", "")
+        if sse and last_event_id and RESUME_FIELD in message.DESCRIPTOR.fields_by_name:
+            setattr(message, RESUME_FIELD, last_event_id)
+
+        call = self._callables[route.grpc_path](message, metadata=metadata, timeout=timeout)
+        try:
+            initial = await call.initial_metadata()
+            if call.done() and await call.code() != grpc.StatusCode.OK:
+                raise await _call_error(call)
+        except grpc.aio.AioRpcError as error:
+            return _rpc_error_response(error)
+
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": EVENT_STREAM if sse else NDJSON,
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+                **response_headers(initial, None),
+            }
+        )
+        await response.prepare(request)
+        writer = _StreamWriter(response, sse)
+        keepalive = asyncio.create_task(writer.keepalive()) if sse else None
+        try:
+            async for item in call:
+                await writer.result(to_json(item), _event_id(item))
+        except grpc.aio.AioRpcError as error:
+            await writer.error(error_json(error))
+        finally:
+            call.cancel()
+            if keepalive is not None:
+                keepalive.cancel()
+        await response.write_eof()
+        return response
+
+
+class _StreamWriter:
+    """Writes NDJSON lines or SSE events, one at a time."""
+
+    def __init__(self, response: web.StreamResponse, sse: bool) -> None:
+        self.response = response
+        self.sse = sse
+        self.lock = asyncio.Lock()
+
+    async def _write(self, text: str) -> None:
+        async with self.lock:
+            await self.response.write(text.encode("utf-8"))
+
+    async def result(self, result: dict[str, Any], event_id: str | None) -> None:
+        if not self.sse:
+            await self._write(json.dumps({"result": result}, separators=(",", ":")) + "\n")
+            return
+        head = f"id: {event_id}\n" if event_id else ""
+        await self._write(f"{head}data: {json.dumps(result, separators=(',', ':'))}\n\n")
+
+    async def error(self, status: dict[str, Any]) -> None:
+        if not self.sse:
+            await self._write(json.dumps({"error": status}, separators=(",", ":")) + "\n")
+            return
+        await self._write(f"event: error\ndata: {json.dumps(status, separators=(',', ':'))}\n\n")
+
+    async def keepalive(self) -> None:
+        """Send an SSE comment now and then, so idle proxies keep the stream open."""
+        while True:
+            await asyncio.sleep(SSE_KEEPALIVE_SECONDS)
+            await self._write(": keepalive\n\n")
+
+
+def _timeout(request: web.Request) -> float | None:
+    header = request.headers.get("Grpc-Timeout")
+    return parse_timeout(header) if header else None
+
+
+def _event_id(message: Message) -> str | None:
+    current: Any = message
+    for name in EVENT_ID_PATH:
+        if name not in current.DESCRIPTOR.fields_by_name:
+            return None
+        current = getattr(current, name)
+    return str(current) or None
+
+
+async def _call_error(call: Any) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        await call.code(),
+        await call.initial_metadata(),
+        await call.trailing_metadata(),
+        await call.details(),
+    )
+
+
+def _rpc_error_response(error: grpc.aio.AioRpcError) -> web.Response:
+    headers = response_headers(error.initial_metadata(), error.trailing_metadata())
+    return web.json_response(error_json(error), status=http_status(error.code()), headers=headers)
+
+
+class GatewayServer:
+    """A running gateway: an aiohttp server and its gRPC channel."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.runner = web.AppRunner(gateway.application(), handler_cancellation=True)
+        self.port = 0
+
+    async def start(self, address: str) -> int:
+        """Listen on HOST:PORT and return the bound port."""
+        host, _, port = address.rpartition(":")
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host.strip("[]") or "127.0.0.1", int(port))
+        await site.start()
+        server = site._server  # NOTE: aiohttp exposes the bound port only here.
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else int(port)
+        logger.info("gateway serving HTTP on %s (port %d)", address, self.port)
+        return self.port
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+        await self.gateway.channel.close()
+        logger.info("gateway stopped")

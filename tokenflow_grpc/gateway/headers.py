@@ -1,0 +1,125 @@
+"""Mapping between HTTP headers and gRPC metadata, both ways."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from tokenflow_grpc.settings import Network
+
+METADATA_HEADER_PREFIX = "grpc-metadata-"
+TRAILER_HEADER_PREFIX = "Grpc-Trailer-"
+# Grpc-Timeout as in the gRPC over HTTP/2 protocol: up to 8 digits and a unit.
+TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
+TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+# Rate-limit metadata and the HTTP header each becomes.
+RATE_LIMIT_HEADERS = {
+    "x-ratelimit-limit": "X-RateLimit-Limit",
+    "x-ratelimit-remaining": "X-RateLimit-Remaining",
+    "x-ratelimit-reset": "X-RateLimit-Reset",
+    "retry-after": "Retry-After",
+}
+# Metadata that HTTP/2 or gRPC itself owns, never copied to HTTP headers.
+RESERVED_METADATA = {"content-type", "grpc-status", "grpc-message", "grpc-status-details-bin"}
+RATE_LIMIT_POLICY_NAME = "default"
+
+
+class HeaderError(ValueError):
+    """An HTTP header has an invalid value."""
+
+
+def parse_timeout(value: str) -> float:
+    """Return a Grpc-Timeout header ("100m", "5S") in seconds."""
+    found = TIMEOUT.match(value.strip())
+    if found is None:
+        raise HeaderError(
+            f"invalid Grpc-Timeout {value!r}: expected up to 8 digits and a unit "
+            "(H, M, S, m, u or n), for example 500m"
+        )
+    return int(found.group(1)) * TIMEOUT_UNITS[found.group(2)]
+
+
+def forwarded_for(
+    peer: str | None, incoming: Sequence[str], trusted: Sequence[Network]
+) -> str | None:
+    """Return the x-forwarded-for value to send for an HTTP client at peer.
+
+    The client's own X-Forwarded-For is kept only when the client is a
+    trusted proxy of the gateway; otherwise only its address is sent, so a
+    client cannot choose the identity the server rate limits.
+    """
+    if not peer:
+        return ", ".join(incoming) or None
+    try:
+        address = ipaddress.ip_address(peer)
+    except ValueError:
+        return ", ".join(incoming) or None
+    is_trusted = any(address.version == n.version and address in n for n in trusted)
+    if is_trusted and incoming:
+        return ", ".join([*incoming, peer])
+    return peer
+
+
+def request_metadata(
+    headers: Mapping[str, str] | Any, peer: str | None, trusted: Sequence[Network]
+) -> list[tuple[str, str]]:
+    """Return the gRPC metadata for an HTTP request's headers."""
+    metadata: list[tuple[str, str]] = []
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered == "authorization":
+            metadata.append(("authorization", value))
+        elif lowered.startswith(METADATA_HEADER_PREFIX) and len(lowered) > len(
+            METADATA_HEADER_PREFIX
+        ):
+            key = lowered[len(METADATA_HEADER_PREFIX) :]
+            if key.endswith("-bin") or key in RESERVED_METADATA or key == "x-forwarded-for":
+                continue
+            metadata.append((key, value))
+        elif lowered == "x-request-id":
+            metadata.append(("x-request-id", value))
+
+    incoming = headers.getall("X-Forwarded-For", []) if hasattr(headers, "getall") else []
+    forwarded = forwarded_for(peer, list(incoming), trusted)
+    if forwarded:
+        metadata.append(("x-forwarded-for", forwarded))
+    return metadata
+
+
+def response_headers(
+    initial: Iterable[tuple[str, Any]] | None, trailing: Iterable[tuple[str, Any]] | None
+) -> dict[str, str]:
+    """Return the HTTP headers for a call's initial and trailing metadata.
+
+    Rate-limit metadata becomes X-RateLimit-*, Retry-After and the IETF
+    RateLimit-Policy / RateLimit fields; other initial metadata becomes
+    Grpc-Metadata-KEY and other trailing metadata Grpc-Trailer-KEY.
+    """
+    headers: dict[str, str] = {}
+    rate: dict[str, str] = {}
+    for pairs, prefix in ((initial, "Grpc-Metadata-"), (trailing, TRAILER_HEADER_PREFIX)):
+        for key, value in pairs or ():
+            if not isinstance(value, str) or key in RESERVED_METADATA:
+                continue
+            if key in RATE_LIMIT_HEADERS:
+                headers[RATE_LIMIT_HEADERS[key]] = value
+                rate[key] = value
+            elif key == "x-ratelimit-window":
+                rate[key] = value
+            else:
+                headers[prefix + key] = value
+
+    if "x-ratelimit-limit" in rate and "x-ratelimit-window" in rate:
+        headers["RateLimit-Policy"] = (
+            f'"{RATE_LIMIT_POLICY_NAME}";q={rate["x-ratelimit-limit"]};'
+            f"w={rate['x-ratelimit-window']}"
+        )
+    if "x-ratelimit-remaining" in rate and "x-ratelimit-reset" in rate:
+        headers["RateLimit"] = (
+            f'"{RATE_LIMIT_POLICY_NAME}";r={rate["x-ratelimit-remaining"]};'
+            f"t={rate['x-ratelimit-reset']}"
+        )
+    return headers
