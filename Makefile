@@ -10,8 +10,9 @@ STAMP := $(VENV)/.installed
 BUF := node_modules/.bin/buf
 PROTO_DEPS := build/proto-deps/google/api
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
-.PHONY: install serve test proto lint proto-deps clean
+.PHONY: install serve test bench proto lint proto-deps clean
 
 install: $(STAMP)
 
@@ -38,9 +39,14 @@ serve: $(STAMP)
 	$(BIN)/tokenflow serve
 
 test: $(STAMP) $(BUF) proto-deps
-	$(BIN)/ruff check tokenflow_grpc tests tools
+	$(BIN)/ruff check tokenflow_grpc tests tools bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The gateway's cache-hit throughput against direct gRPC, about two minutes;
+# writes its results into bench/README.md. Not part of `make test`.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 proto: $(STAMP) $(BUF) proto-deps
 	$(BUF) lint
@@ -48,7 +54,7 @@ proto: $(STAMP) $(BUF) proto-deps
 
 lint: $(STAMP) $(BUF) proto-deps
 	$(BUF) lint
-	$(BIN)/ruff check tokenflow_grpc tests tools
+	$(BIN)/ruff check tokenflow_grpc tests tools bench
 	$(BIN)/mypy
 
 clean:

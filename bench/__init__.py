@@ -1,0 +1,1 @@
+"""Benchmarks of TokenFlow, run with `make bench`. See bench/README.md."""
