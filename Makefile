@@ -17,11 +17,7 @@ BENCH_ARGS ?=
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -c 'import sys; sys.exit("Python 3.11 or newer is required, found " + sys.version.split()[0]) if sys.version_info < (3, 11) else None'
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
-	touch $(STAMP)
+	$(PYTHON) tools/install_venv.py $(VENV) $(STAMP)
 
 $(BUF): package.json package-lock.json $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/npm ci --no-audit --no-fund --loglevel=error
@@ -43,8 +39,8 @@ test: $(STAMP) $(BUF) proto-deps
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The gateway's cache-hit throughput against direct gRPC, about two minutes;
-# writes its results into bench/README.md. Not part of `make test`.
+# The gateway's cache-hit throughput against direct gRPC, about three minutes.
+# Writes its results into bench/README.md. Not part of `make test`.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

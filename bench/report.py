@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.cpu import Background
+
 README = Path(__file__).with_name("README.md")
 SECTION_START = "<!-- bench:results:start -->"
 SECTION_END = "<!-- bench:results:end -->"
@@ -66,15 +68,8 @@ def _spread(values: list[float], digits: int) -> str:
     return f"{min(values):,.{digits}f}–{max(values):,.{digits}f}"
 
 
-def machine_description(
-    root: Path, valkey_version: str, load_averages: tuple[float, float]
-) -> list[str]:
-    """Return Markdown list items for the code, cores, CPU, OS, Python, Valkey and load average.
-
-    load_averages: the 1-minute load average before and after the run, which
-    shows how busy other processes kept the machine.
-    """
-    before, after = load_averages
+def machine_description(root: Path, valkey_version: str, background: Background) -> list[str]:
+    """Return Markdown list items for the code, cores, CPU, OS, Python, Valkey and other load."""
     return [
         f"- TokenFlow: {source_revision(root)}",
         f"- Cores (`os.cpu_count()`): {os.cpu_count()}",
@@ -82,7 +77,8 @@ def machine_description(
         f"- OS: {_os_name()}, kernel {platform.release()} ({platform.machine()})",
         f"- Python: {platform.python_version()} ({platform.python_implementation()})",
         f"- Valkey: {valkey_version} (from INFO server)",
-        f"- 1-minute load average: {before:.2f} before the run, {after:.2f} after it",
+        f"- Other load during the run, on average: {background.other_processes:.2f} cores busy "
+        f"with other processes, {background.steal:.2f} cores stolen by the hypervisor",
     ]
 
 
@@ -186,7 +182,8 @@ def results_section(
         "",
         *results_table(levels),
         "",
-        f"Lowest ratio: {lowest:.2f}, so the target of at least {TARGET_RATIO} is {verdict}.",
+        f"Lowest median ratio: {lowest:.3f}, so the target of at least {TARGET_RATIO} is "
+        f"{verdict}.",
         "",
         *cpu_table(levels),
         SECTION_END,

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import shlex
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from typing import Any
 
 import grpc
 
+from bench.cpu import CpuSnapshot
 from bench.load import DEFAULT_PROMPT
 from bench.report import Level, machine_description, results_section, update_readme
 from bench.server import TokenFlow, Valkey, running_tokenflow, running_valkey
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Comma-separated numbers of requests in flight (default 1,16,64).",
     )
     parser.add_argument(
-        "--duration", type=float, default=5.0, help="Measured seconds per run (default 5)."
+        "--duration", type=float, default=3.0, help="Measured seconds per run (default 3)."
     )
     parser.add_argument(
         "--warmup",
@@ -63,8 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=3,
-        help="Runs of each protocol at each level. The tables show the median (default 3).",
+        default=5,
+        help="Runs of each protocol at each level. The tables show the median (default 5).",
     )
     parser.add_argument(
         "--log-level",
@@ -201,9 +201,9 @@ def main() -> int:
     # Every request comes from 127.0.0.1, one client, so the limit must exceed them all.
     rate_limit = 2 * arguments.rounds * len(levels) * arguments.max_requests + 10
 
-    load_before = os.getloadavg()[0]
+    cpu_before = CpuSnapshot.take()
     rounds, valkey_version = measure(arguments, levels, rate_limit)
-    load_after = os.getloadavg()[0]
+    background = CpuSnapshot.take().background_since(cpu_before)
 
     results = [
         Level(concurrency, rounds[concurrency, "grpc"], rounds[concurrency, "http"])
@@ -222,7 +222,7 @@ def main() -> int:
         )
         return 1
 
-    machine = machine_description(ROOT, valkey_version, (load_before, load_after))
+    machine = machine_description(ROOT, valkey_version, background)
     when = datetime.datetime.now(datetime.UTC)
     section = results_section(results, exact_command(), machine, when)
     if arguments.no_readme:

