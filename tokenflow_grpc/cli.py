@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import math
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -25,7 +26,21 @@ SHUTDOWN_GRACE_SECONDS = 10.0
 
 
 def _print_message(message: Any) -> None:
-    print(json_format.MessageToJson(message, indent=None, preserving_proto_field_name=False))
+    """Print message as proto3 JSON with every field, zero and false ones included."""
+    text = json_format.MessageToJson(
+        message, indent=None, always_print_fields_with_no_presence=True
+    )
+    print(text)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text!r}")
+    return value
 
 
 def _print_rpc_error(error: grpc.aio.AioRpcError) -> int:
@@ -44,56 +59,94 @@ def local_target(grpc_address: str, port: int) -> str:
 
 
 async def serve(settings: Settings) -> None:
-    """Run the server and its gateway until SIGTERM or SIGINT, then drain and stop."""
+    """Run the server and its gateway until SIGTERM or SIGINT, then drain and stop.
+
+    A second signal cancels the calls still in flight instead of waiting for them.
+    """
+    from tokenflow_grpc.embedded import EmbeddedValkey
     from tokenflow_grpc.gateway import start_gateway
     from tokenflow_grpc.server import TokenFlowServer
-    from tokenflow_grpc.valkey import EmbeddedValkey
 
     embedded = None
+    on_valkey_down = None
     if not settings.valkey_url:
         embedded = EmbeddedValkey(settings.data_dir)
         settings = dataclasses.replace(settings, valkey_url=embedded.start())
+        restart = embedded.ensure_running
 
-    server = TokenFlowServer(settings)
+        async def on_valkey_down() -> bool:
+            return await asyncio.to_thread(restart)
+
+    server = TokenFlowServer(settings, on_valkey_down=on_valkey_down)
     gateway = None
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    signals = _SignalCounter()
     try:
         port = await server.start()
         target = local_target(settings.grpc_address, port)
         print(f"TokenFlow is serving gRPC on {target}", flush=True)
         if not settings.no_gateway:
-            gateway = await start_gateway(
-                target,
-                settings.http_address,
-                settings.gateway_trusted_proxies,
-                settings.http_max_body_bytes,
-            )
+            try:
+                gateway = await start_gateway(
+                    target,
+                    settings.http_address,
+                    settings.gateway_trusted_proxies,
+                    settings.http_max_body_bytes,
+                )
+            except OSError as error:
+                await server.stop(0)
+                raise OSError(
+                    f"cannot listen on the HTTP address {settings.http_address}: {error}; "
+                    "pass another --http-address or --no-gateway"
+                ) from error
             http_host = settings.http_address.rsplit(":", 1)[0]
             print(
                 f"TokenFlow gateway is serving HTTP on http://{http_host}:{gateway.port}",
                 flush=True,
             )
-        await stop.wait()
+        await signals.first.wait()
         stopping = [server.stop(SHUTDOWN_GRACE_SECONDS)]
         if gateway is not None:
             stopping.append(gateway.stop())
+        signals.on_second(lambda: asyncio.ensure_future(server.server.stop(0)))
         await asyncio.gather(*stopping)
     finally:
         if embedded is not None:
             embedded.stop()
 
 
+class _SignalCounter:
+    """Turns SIGTERM and SIGINT into a first event and an optional second action."""
+
+    def __init__(self) -> None:
+        self.first = asyncio.Event()
+        self._second: Callable[[], object] | None = None
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._received, signum)
+
+    def on_second(self, action: Callable[[], object]) -> None:
+        self._second = action
+
+    def _received(self, signum: int) -> None:
+        if not self.first.is_set():
+            logger.info(
+                "received %s: draining calls; send it again to stop at once",
+                signal.Signals(signum).name,
+            )
+            self.first.set()
+        elif self._second is not None:
+            logger.warning(
+                "received %s again: cancelling the calls in flight", signal.Signals(signum).name
+            )
+            self._second()
+            self._second = None
+
+
 async def run_gateway(settings: GatewaySettings) -> None:
     """Run a gateway in front of settings.target until SIGTERM or SIGINT."""
     from tokenflow_grpc.gateway import start_gateway
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    signals = _SignalCounter()
     gateway = await start_gateway(
         settings.target,
         settings.http_address,
@@ -106,7 +159,7 @@ async def run_gateway(settings: GatewaySettings) -> None:
         f"for {settings.target}",
         flush=True,
     )
-    await stop.wait()
+    await signals.first.wait()
     await gateway.stop()
 
 
@@ -191,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         command.add_argument(
             "--timeout",
-            type=float,
+            type=_positive_seconds,
             default=DEFAULT_TIMEOUT,
             help=f"Deadline of each call, in seconds (default {DEFAULT_TIMEOUT:g}).",
         )
@@ -242,7 +295,7 @@ def _run_service(arguments: argparse.Namespace, cls: type, run: Callable[[Any], 
     )
     try:
         asyncio.run(run(settings))
-    except OSError as error:
+    except (ConfigurationError, OSError) as error:
         print(f"tokenflow {arguments.command}: {error}", file=sys.stderr)
         return 1
     return 0
