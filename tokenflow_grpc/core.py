@@ -19,6 +19,7 @@ from tokenflow_grpc.errors import BackendUnavailableError, GeneratorError, RateL
 from tokenflow_grpc.generator import GenerationRequest, Generator
 from tokenflow_grpc.keys import NAMESPACE_CLIENT, KeySpace
 from tokenflow_grpc.limiter import Decision
+from tokenflow_grpc.logs import RepeatLimiter
 from tokenflow_grpc.lua import Scripts
 from tokenflow_grpc.settings import Settings
 from tokenflow_grpc.stats import BUCKET_TTL_SECONDS, StatsSnapshot, minute_of, read_stats
@@ -35,8 +36,12 @@ OUTCOME_SKIPPED = 4
 # Polling interval of a request waiting for another process to fill the cache.
 _WAIT_POLL_MIN_SECONDS = 0.005
 _WAIT_POLL_MAX_SECONDS = 0.1
-# The single-flight lock outlives the generator timeout by this margin.
-_LOCK_MARGIN_SECONDS = 5.0
+# The single-flight lock is a lease that its holder renews every third of
+# it while generating, so the lock of a holder that died (or of a Valkey that
+# restarted mid-generation) frees within one lease.
+LOCK_LEASE_SECONDS = 3.0
+# A request waits for the lock holder up to the generator timeout plus this margin.
+_WAIT_MARGIN_SECONDS = 5.0
 
 Clock = Callable[[], float]
 
@@ -75,17 +80,20 @@ class TokenFlow:
         self.in_flight = InFlight()
         self.hub = hub or ActivityHub(redis, self.keys.activity, settings.watch_queue_size)
         self._clock = clock
-        self._lock_ttl_ms = int((settings.generator_timeout + _LOCK_MARGIN_SECONDS) * 1000)
+        self._warnings = RepeatLimiter(logger)
+        self._lock_ttl_ms = int(LOCK_LEASE_SECONDS * 1000)
+        self._max_wait_seconds = settings.generator_timeout + _WAIT_MARGIN_SECONDS
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
 
-    async def ping(self) -> bool:
-        """Return True when Valkey answers PING."""
+    async def valkey_error(self) -> Exception | None:
+        """Return None when Valkey answers PING, else the error."""
         try:
-            return bool(await self.redis.ping())
-        except (RedisError, OSError):
-            return False
+            await self.redis.ping()
+        except (RedisError, OSError) as error:
+            return error
+        return None
 
     async def close(self) -> None:
         await self.hub.close()
@@ -175,12 +183,16 @@ class TokenFlow:
         self, request: GenerationRequest, key: str, error: Exception
     ) -> GenerateResult:
         if self.settings.on_valkey_error == "deny":
-            logger.warning("Valkey unreachable, rejecting Generate (policy deny): %s", error)
+            self._warnings.warning(
+                "deny", "Valkey unreachable, rejecting Generate (policy deny): %s", error
+            )
             raise BackendUnavailableError(
                 "Valkey is unreachable and the server is set to fail closed "
                 "(--on-valkey-error deny); retry later"
             ) from error
-        logger.warning("Valkey unreachable, answering Generate without limit or cache: %s", error)
+        self._warnings.warning(
+            "allow", "Valkey unreachable, answering Generate without limit or cache: %s", error
+        )
         text = await self._call_generator(request)
         return GenerateResult(text, False, request.model, key, None)
 
@@ -202,12 +214,15 @@ class TokenFlow:
     async def _generate_and_store(self, request: GenerationRequest, key: str, token: str) -> str:
         """Generate as the holder of the single-flight lock, then fill the cache."""
         future = self.in_flight.start(key)
+        renewal = asyncio.create_task(self._renew_lock(key, token), name="tokenflow-lock-renewal")
         try:
             try:
                 text = await self._call_generator(request)
             except BaseException:
+                renewal.cancel()
                 await self._release_lock(key, token)
                 raise
+            renewal.cancel()
             try:
                 await self.scripts.complete_generate(
                     keys=[self.keys.cache(key), self.keys.lock(key)],
@@ -215,10 +230,27 @@ class TokenFlow:
                 )
             except (RedisError, OSError) as error:
                 # The answer is good; only caching it failed, and the lock expires by itself.
-                logger.warning("could not store cache entry %s: %s", key[:16], error)
+                self._warnings.warning(
+                    "store", "could not store cache entry %s: %s", key[:16], error
+                )
             return text
         finally:
             self.in_flight.finish(key, future)
+
+    async def _renew_lock(self, key: str, token: str) -> None:
+        while True:
+            await asyncio.sleep(LOCK_LEASE_SECONDS / 3)
+            try:
+                held = await self.scripts.extend_lock(
+                    keys=[self.keys.lock(key)], args=[token, self._lock_ttl_ms]
+                )
+            except (RedisError, OSError) as error:
+                self._warnings.warning(
+                    "renew", "could not renew cache lock %s: %s", key[:16], error
+                )
+                continue
+            if not held:
+                return
 
     async def _release_lock(self, key: str, token: str) -> None:
         try:
@@ -241,7 +273,7 @@ class TokenFlow:
         is polled. When the holder fails, this request takes the lock over
         and generates itself.
         """
-        deadline = time.monotonic() + self._lock_ttl_ms / 1000
+        deadline = time.monotonic() + self._max_wait_seconds
         delay = _WAIT_POLL_MIN_SECONDS
         while time.monotonic() < deadline:
             remaining_time = deadline - time.monotonic()
@@ -261,7 +293,7 @@ class TokenFlow:
                 return GenerateResult(text, False, request.model, key, decision, event_id)
 
         raise GeneratorError(
-            f"timed out after {self._lock_ttl_ms / 1000:.0f} s waiting for an identical request "
+            f"timed out after {self._max_wait_seconds:.0f} s waiting for an identical request "
             "to fill the cache"
         )
 
@@ -293,5 +325,5 @@ class TokenFlow:
         try:
             return await read_stats(self.redis, self.keys, self.now_ms(), activity_limit)
         except (RedisError, OSError) as error:
-            logger.warning("GetStats could not reach Valkey: %s", error)
+            self._warnings.warning("stats", "GetStats could not reach Valkey: %s", error)
             return None

@@ -31,6 +31,7 @@ class Scripts:
     claim_generate: Any
     complete_generate: Any
     release_lock: Any
+    extend_lock: Any
 
     @classmethod
     def register(cls, redis: Any) -> Scripts:
@@ -41,4 +42,5 @@ class Scripts:
                 read_script("complete_generate.lua", with_common=False)
             ),
             release_lock=redis.register_script(read_script("release_lock.lua", with_common=False)),
+            extend_lock=redis.register_script(read_script("extend_lock.lua", with_common=False)),
         )

