@@ -406,4 +406,7 @@ async def test_sigterm_drains_generate(serve: Any, tmp_path: Path) -> None:
     assert exit_code == 0
     assert stop_seconds < 5.0
     assert "TokenFlow stopped" in server.log
-    assert watch.error is None
+    # Watch streams end with UNAVAILABLE at shutdown, so clients know to reconnect.
+    assert watch.error is not None
+    assert watch.error.code() == grpc.StatusCode.UNAVAILABLE
+    assert "since_id" in (watch.error.details() or "")

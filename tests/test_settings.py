@@ -62,6 +62,18 @@ def test_trusted_proxies_parsed() -> None:
         (["--trusted-proxies", "10.0.0.0/33"], "10.0.0.0/33"),
         (["--default-model", "missing"], "--default-model"),
         (["--key-prefix", "a{b}"], "--key-prefix"),
+        (["--rate-window", "nan"], "--rate-window"),
+        (["--rate-window", "inf"], "--rate-window"),
+        (["--rate-window", "1e12"], "--rate-window"),
+        (["--rate-limit", "3000000000"], "--rate-limit"),
+        (["--generator-timeout", "nan"], "--generator-timeout"),
+        (["--generator-latency", "inf"], "--generator-latency"),
+        (["--valkey-timeout", "nan"], "--valkey-timeout"),
+        (["--cache-ttl", "99999999999999999999"], "--cache-ttl"),
+        (["--grpc-address", "127.0.0.1:99999"], "--grpc-address"),
+        (["--grpc-address", "bogus"], "--grpc-address"),
+        (["--grpc-address", ""], "--grpc-address"),
+        (["--http-address", ":80"], "--http-address"),
     ],
 )
 def test_invalid_setting_named(argv: list[str], named: str) -> None:
@@ -69,6 +81,43 @@ def test_invalid_setting_named(argv: list[str], named: str) -> None:
         settings_from(parse(*argv), environ={})
 
     assert named in str(caught.value)
+
+
+def test_invalid_environment_value_names_variable() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        settings_from(parse(), environ={"TOKENFLOW_RATE_LIMIT": "abc"})
+
+    assert "TOKENFLOW_RATE_LIMIT" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--valkey-url", "bogus://x"], "bogus://"),
+        (["--data-dir", "/proc/version"], "/proc/version"),
+    ],
+    ids=["unsupported Valkey URL", "data directory is a file"],
+)
+def test_serve_start_error_is_one_line(argv: list[str], named: str) -> None:
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tokenflow_grpc.cli",
+            "serve",
+            "--grpc-address",
+            "127.0.0.1:0",
+            "--no-gateway",
+            *argv,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    assert named in completed.stderr.strip().splitlines()[-1]
 
 
 def test_invalid_environment_choice_named() -> None:

@@ -23,7 +23,7 @@ def bad_request(error: grpc.aio.AioRpcError) -> error_details_pb2.BadRequest:
 
 GENERATE_CASES = [
     ("empty prompt", pb.GenerateRequest(prompt=""), "prompt", "must not be empty"),
-    ("blank prompt", pb.GenerateRequest(prompt=" \n\t"), "prompt", "must not be empty"),
+    ("blank prompt", pb.GenerateRequest(prompt=" \n\t"), "prompt", "only whitespace"),
     ("prompt too large", pb.GenerateRequest(prompt="x" * (32 * 1024 + 1)), "prompt", "32768"),
     ("prompt too large in UTF-8", pb.GenerateRequest(prompt="é" * 16385), "prompt", "32770"),
     ("unknown model", pb.GenerateRequest(prompt="p", model="gpt-99"), "model", "gpt-99"),
@@ -132,10 +132,21 @@ async def test_stats_rejects_bad_activity_limit(running_valkey: Running, limit: 
     [
         (pb.WatchActivityRequest(since_id="yesterday"), "since_id"),
         (pb.WatchActivityRequest(since_id="1-2-3"), "since_id"),
+        (pb.WatchActivityRequest(since_id="99999999999999999999-0"), "since_id"),
+        (pb.WatchActivityRequest(since_id="1-99999999999999999999"), "since_id"),
+        (pb.WatchActivityRequest(since_id="1-0\n"), "since_id"),
         (pb.WatchActivityRequest(types=[pb.ACTIVITY_TYPE_UNSPECIFIED]), "types[0]"),
         (pb.WatchActivityRequest(types=[pb.ACTIVITY_TYPE_CACHE_HIT, 99]), "types[1]"),
     ],
-    ids=["since_id word", "since_id three parts", "unspecified type", "unknown enum number"],
+    ids=[
+        "since_id word",
+        "since_id three parts",
+        "since_id time over 64 bits",
+        "since_id sequence over 64 bits",
+        "since_id trailing newline",
+        "unspecified type",
+        "unknown enum number",
+    ],
 )
 async def test_watch_rejects_bad_filter(
     running_valkey: Running, request_message: pb.WatchActivityRequest, field: str

@@ -23,7 +23,8 @@ TYPE_RATE_LIMITED = "rate_limited"
 EVENT_TYPES = (TYPE_REQUEST, TYPE_CACHE_HIT, TYPE_CACHE_MISS, TYPE_RATE_LIMITED)
 
 PROMPT_EXCERPT_CHARS = 50
-STREAM_ID = re.compile(r"^\d{1,20}(-\d{1,20})?$")
+STREAM_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
+MAX_STREAM_ID_PART = 2**64 - 1
 
 _READ_COUNT = 500
 _RETRY_MIN_SECONDS = 0.05
@@ -32,10 +33,13 @@ _RETRY_MAX_SECONDS = 2.0
 
 def parse_stream_id(text: str) -> tuple[int, int]:
     """Split a stream id "ms-seq" (or "ms") into numbers; raise ValueError when malformed."""
-    if not STREAM_ID.match(text):
+    if not STREAM_ID.fullmatch(text):
         raise ValueError(f"invalid stream id {text!r}: expected MILLISECONDS-SEQUENCE")
     ms, _, sequence = text.partition("-")
-    return int(ms), int(sequence or 0)
+    parts = int(ms), int(sequence or 0)
+    if max(parts) > MAX_STREAM_ID_PART:
+        raise ValueError(f"invalid stream id {text!r}: each part must fit in 64 bits")
+    return parts
 
 
 @dataclass(frozen=True)

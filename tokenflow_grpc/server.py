@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, NoReturn
 
 import grpc
@@ -209,27 +209,45 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
             await context.send_initial_metadata(WATCH_READY_METADATA)
             async for event, dropped in self.core.hub.watch(subscription, since_id):
                 yield pb.WatchActivityResponse(event=event_message(event), dropped=dropped)
+        # The hub ends a watch only when the server stops.
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE,
+            "the server is shutting down; reconnect with since_id set to the last event id",
+        )
 
 
 class HealthMonitor:
     """Keeps the health service in step with Valkey and logs connection changes."""
 
-    def __init__(self, core: TokenFlow, servicer: health.aio.HealthServicer, settings: Settings):
+    def __init__(
+        self,
+        core: TokenFlow,
+        servicer: health.aio.HealthServicer,
+        settings: Settings,
+        on_valkey_down: Callable[[], Awaitable[object]] | None = None,
+    ):
+        """on_valkey_down: called at each check while Valkey is unreachable
+        (the embedded Valkey restarts itself there)."""
         self.core = core
         self.servicer = servicer
         self.settings = settings
+        self.on_valkey_down = on_valkey_down
         self.connected: bool | None = None
         self._task: asyncio.Task[None] | None = None
 
     async def check(self) -> bool:
-        connected = await self.core.ping()
+        error = await self.core.valkey_error()
+        if error is not None and self.on_valkey_down is not None:
+            await self.on_valkey_down()
+            error = await self.core.valkey_error()
+        connected = error is None
         if connected != self.connected:
             if connected:
                 logger.info("Valkey connection is up")
             elif self.connected is None:
-                logger.warning("Valkey is unreachable at start")
+                logger.warning("Valkey is unreachable at start: %s", error)
             else:
-                logger.warning("Valkey connection lost")
+                logger.warning("Valkey connection lost: %s", error)
             self.connected = connected
         serving = connected or self.settings.on_valkey_error == "allow"
         service_status = (
@@ -275,9 +293,11 @@ class TokenFlowServer:
         generator: Generator | None = None,
         core: TokenFlow | None = None,
         clock: Clock = time.time,
+        on_valkey_down: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         """redis: a client to use instead of connecting to settings.valkey_url;
-        clock: seconds since the epoch, replaced by tests."""
+        clock: seconds since the epoch, replaced by tests; on_valkey_down: see
+        HealthMonitor."""
         self.settings = settings
         self._owns_redis = redis is None and core is None
         if core is None:
@@ -289,9 +309,11 @@ class TokenFlowServer:
             generator = generator or SimulatedGenerator(settings.generator_latency)
             core = TokenFlow(redis, settings, generator, clock, hub=self._hub(redis, settings))
         self.core = core
-        self.server = grpc.aio.server()
+        # Without SO_REUSEPORT a second server on the same port fails to bind
+        # instead of silently sharing the port with the first.
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
         self.health = health.aio.HealthServicer()
-        self.monitor = HealthMonitor(core, self.health, settings)
+        self.monitor = HealthMonitor(core, self.health, settings, on_valkey_down)
         self.port = 0
 
     @staticmethod
@@ -318,10 +340,19 @@ class TokenFlowServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection(self.server, [SERVICE_NAME, health.SERVICE_NAME])
 
-        self.port = self.server.add_insecure_port(self.settings.grpc_address)
-        if self.port == 0:
-            raise OSError(f"could not bind the gRPC address {self.settings.grpc_address}")
+        try:
+            self.port = self.server.add_insecure_port(self.settings.grpc_address)
+        except RuntimeError as error:
+            raise OSError(
+                f"cannot listen on the gRPC address {self.settings.grpc_address}: the port is "
+                "in use or the address is not local; pass another --grpc-address"
+            ) from error
 
+        if any(network.prefixlen == 0 for network in self.settings.trusted_proxies):
+            logger.warning(
+                "--trusted-proxies trusts every address, so any client can choose the "
+                "identity it is limited by through x-forwarded-for"
+            )
         await self.monitor.check()
         self.monitor.start()
         await self.server.start()

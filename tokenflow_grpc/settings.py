@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import ipaddress
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,6 +18,26 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_TRUSTED_PROXIES = "127.0.0.0/8,::1/128"
 SettingsType = TypeVar("SettingsType")
+
+# Upper bounds of numeric settings: beyond them a value is a typo, or overflows
+# a protobuf int32 or Duration, or the window's sorted set grows without use.
+MAX_RATE_LIMIT = 1_000_000
+MAX_WINDOW_SECONDS = 30 * 86400
+MAX_CACHE_TTL_SECONDS = 10 * 365 * 86400
+MAX_TIMEOUT_SECONDS = 3600
+MAX_SIMULATE_COUNT = 100_000
+MAX_ACTIVITY_EVENTS = 1_000_000
+MAX_WATCH_QUEUE_SIZE = 1_000_000
+
+
+def parse_address(text: str, flag: str) -> tuple[str, int]:
+    """Split HOST:PORT (IPv6 hosts in brackets); raise ConfigurationError naming flag."""
+    host, separator, port_text = text.rpartition(":")
+    if not separator or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise ConfigurationError(
+            f"{flag} must be HOST:PORT with a port from 0 to 65535, got {text!r}"
+        )
+    return host, int(port_text)
 
 
 def parse_networks(text: str) -> tuple[Network, ...]:
@@ -262,6 +283,21 @@ class Settings:
 
     def validate(self) -> None:
         """Raise ConfigurationError naming the first invalid setting."""
+        for flag, value, maximum in (
+            ("--rate-limit", self.rate_limit, MAX_RATE_LIMIT),
+            ("--rate-window", self.rate_window, MAX_WINDOW_SECONDS),
+            ("--cache-ttl", self.cache_ttl, MAX_CACHE_TTL_SECONDS),
+            ("--generator-timeout", self.generator_timeout, MAX_TIMEOUT_SECONDS),
+            ("--generator-latency", self.generator_latency, MAX_TIMEOUT_SECONDS),
+            ("--valkey-timeout", self.valkey_timeout, MAX_TIMEOUT_SECONDS),
+            ("--simulate-max-count", self.simulate_max_count, MAX_SIMULATE_COUNT),
+            ("--activity-max-events", self.activity_max_events, MAX_ACTIVITY_EVENTS),
+            ("--watch-queue-size", self.watch_queue_size, MAX_WATCH_QUEUE_SIZE),
+        ):
+            if not math.isfinite(value) or value > maximum:
+                raise ConfigurationError(f"{flag} must be at most {maximum:g}, got {value}")
+        parse_address(self.grpc_address, "--grpc-address")
+        parse_address(self.http_address, "--http-address")
         positive = {
             "--rate-limit": self.rate_limit,
             "--rate-window": self.rate_window,
@@ -312,6 +348,8 @@ class GatewaySettings:
     log_level: str = _log_level()
 
     def __post_init__(self) -> None:
+        parse_address(self.target, "--target")
+        parse_address(self.http_address, "--http-address")
         if self.http_max_body_bytes <= 0:
             raise ConfigurationError(
                 f"--http-max-body-bytes must be greater than 0, got {self.http_max_body_bytes}"
@@ -368,6 +406,6 @@ def settings_from(
             values[settings_field.name] = parse(raw) if parse else raw
         except ValueError as error:
             raise ConfigurationError(
-                f"invalid value {raw!r} for {meta['flag']}: {error}"
+                f"invalid value {raw!r} for {meta['flag']} ({meta['env']}): {error}"
             ) from error
     return cls(**values)

@@ -37,7 +37,7 @@ def generation_request(message: pb.GenerateRequest, settings: Settings) -> Gener
     violations = []
     prompt_bytes = len(message.prompt.encode("utf-8"))
     if not message.prompt.strip():
-        violations.append(FieldViolation("prompt", "must not be empty"))
+        violations.append(FieldViolation("prompt", "must not be empty or only whitespace"))
     elif prompt_bytes > settings.max_prompt_bytes:
         violations.append(
             FieldViolation(
