@@ -185,13 +185,6 @@ forwarded_header_names = st.sampled_from(["Authorization", "X-Request-Id"]) | st
 ).map(lambda key: f"Grpc-Metadata-{key}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="the gateway forwards header values outside printable ASCII, and "
-    "Grpc-Metadata- keys outside [0-9a-z_.-], to gRPC unchecked. gRPC rejects "
-    "them with an error that is not an AioRpcError, so the gateway returns 500",
-)
 @settings(max_examples=HEADER_EXAMPLES, derandomize=True, deadline=None, database=None)
 @given(
     name=forwarded_header_names,

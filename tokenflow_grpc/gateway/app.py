@@ -161,10 +161,10 @@ class Gateway:
             query = {key: request.query.getall(key) for key in request.query.keys()}
             message = build_request(route, path_values, query, body)
             timeout = _timeout(request)
+            metadata = request_metadata(request.headers, request.remote, self.trusted_proxies)
         except (TranscodeError, HeaderError) as error:
             return error_response(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
-        metadata = request_metadata(request.headers, request.remote, self.trusted_proxies)
         if route.server_streaming:
             return await self.stream(request, route, message, metadata, timeout)
         return await self.unary(route, message, metadata, timeout)

@@ -25,6 +25,11 @@ RATE_LIMIT_HEADERS = {
 # Metadata that HTTP/2 or gRPC itself owns, never copied to HTTP headers.
 RESERVED_METADATA = {"content-type", "grpc-status", "grpc-message", "grpc-status-details-bin"}
 RATE_LIMIT_POLICY_NAME = "default"
+# HTTP headers passed on as metadata under their own name.
+FORWARDED_HEADERS = ("authorization", "x-request-id")
+# What gRPC accepts in ASCII metadata (the gRPC over HTTP/2 protocol).
+METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
+METADATA_VALUE = re.compile(r"[\x20-\x7e]*")
 
 
 class HeaderError(ValueError):
@@ -63,24 +68,38 @@ def forwarded_for(
     return peer
 
 
+def _checked(name: str, key: str, value: str) -> tuple[str, str]:
+    """Return (key, value) as metadata, or raise HeaderError when gRPC would reject it."""
+    if not METADATA_KEY.fullmatch(key):
+        raise HeaderError(
+            f"invalid header {name!r}: a metadata key may contain only 0-9, a-z, '_', '-' and '.'"
+        )
+    if not METADATA_VALUE.fullmatch(value):
+        raise HeaderError(
+            f"invalid value of header {name!r}: metadata values must be printable ASCII"
+        )
+    return key, value
+
+
 def request_metadata(
     headers: Mapping[str, str] | Any, peer: str | None, trusted: Sequence[Network]
 ) -> list[tuple[str, str]]:
-    """Return the gRPC metadata for an HTTP request's headers."""
+    """Return the gRPC metadata for an HTTP request's headers.
+
+    Raises HeaderError for a forwarded header that gRPC metadata cannot carry.
+    """
     metadata: list[tuple[str, str]] = []
     for name, value in headers.items():
         lowered = name.lower()
-        if lowered == "authorization":
-            metadata.append(("authorization", value))
+        if lowered in FORWARDED_HEADERS:
+            metadata.append(_checked(name, lowered, value))
         elif lowered.startswith(METADATA_HEADER_PREFIX) and len(lowered) > len(
             METADATA_HEADER_PREFIX
         ):
             key = lowered[len(METADATA_HEADER_PREFIX) :]
             if key.endswith("-bin") or key in RESERVED_METADATA or key == "x-forwarded-for":
                 continue
-            metadata.append((key, value))
-        elif lowered == "x-request-id":
-            metadata.append(("x-request-id", value))
+            metadata.append(_checked(name, key, value))
 
     incoming = headers.getall("X-Forwarded-For", []) if hasattr(headers, "getall") else []
     forwarded = forwarded_for(peer, list(incoming), trusted)
