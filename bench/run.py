@@ -29,6 +29,7 @@ from bench.cpu import CpuSnapshot
 from bench.load import DEFAULT_PROMPT
 from bench.report import Level, machine_description, results_section, update_readme
 from bench.server import TokenFlow, Valkey, running_tokenflow, running_valkey
+from tokenflow_grpc.settings import MAX_RATE_LIMIT
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
 
@@ -57,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-requests",
         type=int,
-        default=100_000,
-        help="Maximum requests per run, the warm-up's included (default 100000).",
+        default=20_000,
+        help="Maximum requests per run, the warm-up's included (default 20000).",
     )
     parser.add_argument(
         "--rounds",
@@ -200,6 +201,13 @@ def main() -> int:
         return 2
     # Every request comes from 127.0.0.1, one client, so the limit must exceed them all.
     rate_limit = 2 * arguments.rounds * len(levels) * arguments.max_requests + 10
+    if rate_limit > MAX_RATE_LIMIT:
+        print(
+            f"bench: the run may send {rate_limit:,} requests, more than the server's maximum "
+            f"--rate-limit of {MAX_RATE_LIMIT:,}. Lower --max-requests, --rounds or --levels",
+            file=sys.stderr,
+        )
+        return 2
 
     cpu_before = CpuSnapshot.take()
     rounds, valkey_version = measure(arguments, levels, rate_limit)
