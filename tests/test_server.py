@@ -345,7 +345,8 @@ def test_cli_end_to_end(serve: Any, tmp_path: Path) -> None:
     assert exit_code == 0
     assert f"TokenFlow is serving gRPC on {server.target}" in server.stdout_path.read_text()
     assert "TokenFlow stopped" in server.log
-    assert len(server.children) == 1
+    # The embedded Valkey and the gateway.
+    assert len(server.children) == 2
     assert still_running == []
     assert not port_accepts(valkey_port)
 

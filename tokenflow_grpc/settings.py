@@ -124,6 +124,16 @@ def _http_max_body_bytes() -> Any:
     )
 
 
+def _http_access_log() -> Any:
+    return _option(
+        "--http-access-log",
+        "TOKENFLOW_HTTP_ACCESS_LOG",
+        "Log one line per HTTP request at INFO.",
+        False,
+        switch=True,
+    )
+
+
 def _log_level() -> Any:
     return _option(
         "--log-level",
@@ -272,6 +282,7 @@ class Settings:
     )
     gateway_trusted_proxies: tuple[Network, ...] = _gateway_trusted_proxies()
     http_max_body_bytes: int = _http_max_body_bytes()
+    http_access_log: bool = _http_access_log()
     log_level: str = _log_level()
 
     def __post_init__(self) -> None:
@@ -345,6 +356,7 @@ class GatewaySettings:
     http_address: str = _http_address()
     gateway_trusted_proxies: tuple[Network, ...] = _gateway_trusted_proxies()
     http_max_body_bytes: int = _http_max_body_bytes()
+    http_access_log: bool = _http_access_log()
     log_level: str = _log_level()
 
     def __post_init__(self) -> None:

@@ -16,6 +16,7 @@ async def start_gateway(
     http_address: str,
     trusted_proxies: tuple[Network, ...] = (),
     max_body_bytes: int = 1024 * 1024,
+    access_log: bool = False,
 ) -> GatewayServer:
     """Start a gateway for TokenFlowService at target; return it once it listens."""
     channel = grpc.aio.insecure_channel(target)
@@ -25,6 +26,6 @@ async def start_gateway(
         trusted_proxies=trusted_proxies,
         max_body_bytes=max_body_bytes,
     )
-    server = GatewayServer(gateway)
+    server = GatewayServer(gateway, access_log)
     await server.start(http_address)
     return server
