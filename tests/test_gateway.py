@@ -519,12 +519,6 @@ def test_http_status_code_proto() -> None:
         assert HTTP_STATUS[code] == documented[code.name], code.name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="`tokenflow gateway` never imports google.rpc.error_details_pb2, so "
-    "transcode.error_json cannot decode the BadRequest detail and drops every detail",
-    raises=AssertionError,
-)
 async def test_standalone_gateway_details(running_valkey: Running) -> None:
     process = await asyncio.create_subprocess_exec(
         TOKENFLOW,
@@ -1010,13 +1004,6 @@ def test_build_request_body_field_rejects_its_query() -> None:
         build_request(route, {"event.id": "5-1"}, {"event.client": ["c"]}, b"{}")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="transcode.build_request compares a query parameter with the leaf field's "
-    "json_name instead of the body field's, so a route with body: FIELD rejects "
-    "every top-level query parameter as bound to the body",
-    raises=TranscodeError,
-)
 def test_build_request_body_field_query() -> None:
     route = make_route("POST", "/v1/events/{event.id}", "event", pb.WatchActivityResponse)
 
@@ -1025,12 +1012,6 @@ def test_build_request_body_field_query() -> None:
     assert message.dropped == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="transcode.build_request lets a query parameter replace a path variable's "
-    "value; a field bound by the path template is not a query parameter",
-    raises=AssertionError,
-)
 def test_build_request_path_wins() -> None:
     try:
         message = build_request(EVENT_ROUTE, {"event.id": "5-1"}, {"event.id": ["9-9"]}, b"")

@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
+from aiohttp import log as aiohttp_log
 from aiohttp import web
 from google.protobuf import descriptor
 from google.protobuf.message import Message
@@ -95,6 +96,14 @@ class Gateway:
         self.openapi = build_openapi(self.routes)
         self._callables = {route.grpc_path: self._callable(route) for route in self.routes}
         self._health = health_pb2_grpc.HealthStub(channel)
+        self._streams: set[Any] = set()
+        self.closing = False
+
+    def end_streams(self) -> None:
+        """Cancel the open streams, which then end with an UNAVAILABLE error line."""
+        self.closing = True
+        for call in list(self._streams):
+            call.cancel()
 
     def _callable(self, route: Route) -> Any:
         factory = self.channel.unary_stream if route.server_streaming else self.channel.unary_unary
@@ -199,6 +208,13 @@ class Gateway:
             setattr(message, RESUME_FIELD, last_event_id)
 
         call = self._callables[route.grpc_path](message, metadata=metadata, timeout=timeout)
+        self._streams.add(call)
+        try:
+            return await self._relay_stream(request, call, sse)
+        finally:
+            self._streams.discard(call)
+
+    async def _relay_stream(self, request: web.Request, call: Any, sse: bool) -> web.StreamResponse:
         try:
             initial = await call.initial_metadata()
             if call.done() and await call.code() != grpc.StatusCode.OK:
@@ -222,6 +238,15 @@ class Gateway:
                 await writer.result(to_json(item), _event_id(item))
         except grpc.aio.AioRpcError as error:
             await writer.error(error_json(error))
+        except asyncio.CancelledError:
+            if not self.closing:
+                raise  # The HTTP client went away.
+            await writer.error(
+                status_json(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the gateway is shutting down; reconnect and resume from the last event id",
+                )
+            )
         finally:
             call.cancel()
             if keepalive is not None:
@@ -293,9 +318,15 @@ def _rpc_error_response(error: grpc.aio.AioRpcError) -> web.Response:
 class GatewayServer:
     """A running gateway: an aiohttp server and its gRPC channel."""
 
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, access_log: bool = False) -> None:
+        """access_log: log one line per request (aiohttp.access, INFO); off by
+        default because it costs about 6% of a cache hit's time."""
         self.gateway = gateway
-        self.runner = web.AppRunner(gateway.application(), handler_cancellation=True)
+        self.runner = web.AppRunner(
+            gateway.application(),
+            handler_cancellation=True,
+            access_log=aiohttp_log.access_logger if access_log else None,
+        )
         self.port = 0
 
     async def start(self, address: str) -> int:
@@ -311,6 +342,8 @@ class GatewayServer:
         return self.port
 
     async def stop(self) -> None:
+        """Stop listening, end the open streams and wait for other requests to finish."""
+        self.gateway.end_streams()
         await self.runner.cleanup()
         await self.gateway.channel.close()
         logger.info("gateway stopped")

@@ -14,11 +14,14 @@ from typing import Any
 import grpc
 from google.protobuf import descriptor, json_format
 from google.protobuf.message import Message
-from google.rpc import code_pb2, status_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from tokenflow_grpc.gateway.routes import Route
 
 DETAILS_METADATA_KEY = "grpc-status-details-bin"
+# The standard error detail messages, registered so that their Any values in a
+# google.rpc.Status decode to JSON.
+STANDARD_DETAILS = error_details_pb2.DESCRIPTOR
 
 # The HTTP status of each gRPC code, as in google/rpc/code.proto and grpc-gateway.
 HTTP_STATUS = {
@@ -51,7 +54,8 @@ def http_status(code: grpc.StatusCode) -> int:
 
 
 def to_json(message: Message) -> dict[str, Any]:
-    """Return message as proto3 JSON: lowerCamelCase names, every field present."""
+    """Return message as proto3 JSON: lowerCamelCase names, zero and empty fields
+    included; only message fields that are unset are left out."""
     result: dict[str, Any] = json_format.MessageToDict(
         message, always_print_fields_with_no_presence=True
     )
@@ -151,13 +155,18 @@ def build_request(
     for path, value in path_values.items():
         _set_path(bound, path, _field_by_path(route.request_class, path), [value])
     if route.body != "*":
+        path_fields = {_field_by_path(route.request_class, p) for p in path_values}
+        body_field = _field_by_path(route.request_class, route.body) if route.body else None
         for path, values in query.items():
             try:
                 field = _field_by_path(route.request_class, path)
             except TranscodeError as error:
                 raise TranscodeError(f"unknown query parameter {path!r}: {error}") from error
-            if route.body and path.split(".")[0] in (route.body, field.json_name):
+            top = _field_by_path(route.request_class, path.split(".")[0])
+            if body_field is not None and top == body_field:
                 raise TranscodeError(f"field {path!r} is bound to the body, not the query")
+            if field in path_fields:
+                raise TranscodeError(f"field {path!r} is bound to the path, not the query")
             _set_path(bound, path, field, values)
     elif query:
         raise TranscodeError(
