@@ -1,6 +1,6 @@
 """Benchmark the gateway's POST /v1/generate against direct gRPC Generate, on cache hits.
 
-Starts Valkey and `tokenflow serve` (gRPC server and gateway in one process)
+Starts Valkey and `tokenflow serve` (the gRPC server, and the gateway as its child)
 and sends the benchmark prompt, so that every later call is a cache hit.
 Then runs bench.load as a separate process for each concurrency level and
 protocol, all on loopback. Prints the tables and writes them into

@@ -64,8 +64,9 @@ def running_valkey() -> Iterator[Valkey]:
 class TokenFlow:
     """The running TokenFlow processes and the addresses they printed.
 
-    One `tokenflow serve` process runs both the gRPC server and the gateway,
-    unless the gateway was started as its own `tokenflow gateway` process.
+    `tokenflow serve` runs the gRPC server and starts the gateway as its
+    child process; with --separate-gateway the gateway is started here as a
+    `tokenflow gateway` process instead.
     """
 
     processes: list[subprocess.Popen[str]]
@@ -73,8 +74,20 @@ class TokenFlow:
     http_url: str
 
     def cpu_seconds(self) -> float:
-        """Return the CPU time of the processes, all threads, user and system, in seconds."""
-        return sum(process_cpu_seconds(process.pid) for process in self.processes)
+        """Return the CPU time of the processes and their children (the gateway
+        of `tokenflow serve`), all threads, user and system, in seconds."""
+        pids = [pid for process in self.processes for pid in process_tree(process.pid)]
+        return sum(process_cpu_seconds(pid) for pid in pids)
+
+
+def process_tree(pid: int) -> list[int]:
+    """Return pid and the ids of all its descendants that are still running."""
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        for child in children:
+            found += process_tree(int(child))
+    return found
 
 
 def tokenflow_command() -> list[str]:
