@@ -108,7 +108,7 @@ class ActivityHub:
 
     One reader task runs while at least one watcher is subscribed, so any
     number of watchers cost one Valkey connection. A watcher whose queue is
-    full loses the event and is told how many it lost with its next event.
+    full loses the event and receives the number it lost with its next event.
     """
 
     def __init__(

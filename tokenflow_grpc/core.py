@@ -88,7 +88,7 @@ class TokenFlow:
         return int(self._clock() * 1000)
 
     async def valkey_error(self) -> Exception | None:
-        """Return None when Valkey answers PING, else the error."""
+        """Return None when Valkey replies to PING, else the error."""
         try:
             await self.redis.ping()
         except (RedisError, OSError) as error:
@@ -105,7 +105,7 @@ class TokenFlow:
         namespace: str = NAMESPACE_CLIENT,
         skip_cache: bool = False,
     ) -> GenerateResult:
-        """Rate limit, then answer from the cache or the generator.
+        """Rate limit the call, then return the response from the cache or the generator.
 
         Raises RateLimitedError when the client is over its limit,
         BackendUnavailableError when Valkey cannot be reached and the policy

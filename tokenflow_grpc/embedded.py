@@ -68,7 +68,7 @@ class EmbeddedValkey:
         """Start the server and return its URL.
 
         Raises ConfigurationError when the data directory cannot be used or
-        another TokenFlow process holds it.
+        another TokenFlow process has locked it.
         """
         try:
             self.directory.mkdir(parents=True, exist_ok=True)

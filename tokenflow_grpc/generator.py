@@ -20,7 +20,7 @@ class GenerationRequest:
 
 
 class Generator(Protocol):
-    """Produces the text answering one request."""
+    """Produces the response text for one request."""
 
     async def generate(self, request: GenerationRequest) -> str: ...
 

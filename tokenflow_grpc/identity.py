@@ -40,7 +40,7 @@ def _is_trusted(address: Address, trusted: Sequence[Network]) -> bool:
 def client_identity(peer: str, forwarded_for: Sequence[str], trusted: Sequence[Network]) -> str:
     """Return the identity to rate limit for a call.
 
-    forwarded_for holds the x-forwarded-for metadata values in order. The
+    forwarded_for contains the x-forwarded-for metadata values in order. The
     header is read only when the peer is a trusted proxy, and then from the
     right: each trusted hop is skipped and the first untrusted address is the
     client. A malformed entry stops the walk at the last good address, so a

@@ -2,7 +2,7 @@
 
 grpcio-reflection ships only v1alpha. The v1 service has the same messages
 under another package name, so its file descriptor is derived from the
-v1alpha one and the same servicer answers both: the bytes on the wire are
+v1alpha one and the same servicer serves both, because the bytes on the wire are
 identical.
 """
 

@@ -27,7 +27,7 @@ RESERVED_METADATA = {"content-type", "grpc-status", "grpc-message", "grpc-status
 RATE_LIMIT_POLICY_NAME = "default"
 # HTTP headers passed on as metadata under their own name.
 FORWARDED_HEADERS = ("authorization", "x-request-id")
-# What gRPC accepts in ASCII metadata (the gRPC over HTTP/2 protocol).
+# Characters allowed in ASCII metadata keys and values (gRPC over HTTP/2 protocol).
 METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
 METADATA_VALUE = re.compile(r"[\x20-\x7e]*")
 
