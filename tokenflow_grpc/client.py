@@ -49,7 +49,7 @@ class GenerateReply:
     rate_limit: RateLimitHeaders
 
 
-class TokenFlowClient:
+class AsyncTokenFlowClient:
     """Async client over one channel; use as an async context manager."""
 
     def __init__(
@@ -64,7 +64,7 @@ class TokenFlowClient:
         self.channel = grpc.aio.insecure_channel(target)
         self.stub = pb_grpc.TokenFlowServiceStub(self.channel)
 
-    async def __aenter__(self) -> TokenFlowClient:
+    async def __aenter__(self) -> AsyncTokenFlowClient:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
