@@ -1,13 +1,30 @@
-"""A minimal asyncio client of TokenFlowService with deadlines on every call,
-used by the CLI and the tests."""
+"""Clients of TokenFlowService: AsyncTokenFlowClient (asyncio) and
+TokenFlowClient (blocking), with the same methods.
+
+Every call has a deadline. Calls that fail with UNAVAILABLE are retried with
+exponential backoff and jitter until `retries` extra attempts or the
+deadline run out; no other status is retried. A rejected Generate raises
+RateLimitExceeded, which carries the rate-limit figures and the delay the
+server asks for. watch() reconnects after a dropped stream and resumes after
+the last event it delivered, so no event still in the stream is lost or
+repeated.
+
+NOTE: a Generate retried after UNAVAILABLE may be counted twice by the
+limiter when the first attempt was admitted before it failed (the server
+fails closed with UNAVAILABLE, or the generator failed).
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
 
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
@@ -15,53 +32,177 @@ from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 10.0
 SIMULATE_TIMEOUT = 120.0
+DEFAULT_RETRIES = 3
+BACKOFF_FIRST_SECONDS = 0.1
+BACKOFF_MAX_SECONDS = 2.0
+# The resume point of a watch that starts with "new events only" and has
+# seen none yet: every entry of an empty stream comes after it.
+STREAM_START = "0-0"
 
-RATE_LIMIT_KEYS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset", "retry-after")
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+DETAILS_METADATA_KEY = "grpc-status-details-bin"
+
+Result = TypeVar("Result")
 
 
 @dataclass(frozen=True)
-class RateLimitHeaders:
-    """Rate-limit metadata of one Generate call; None where the server sent none."""
+class RateLimitInfo:
+    """Rate-limit metadata of one Generate call; None where the server sent none
+    (it sends none while it answers without Valkey)."""
 
     limit: int | None
     remaining: int | None
     reset_seconds: int | None
+    window_seconds: int | None
     retry_after_seconds: int | None
 
     @classmethod
-    def from_metadata(cls, *metadata: Sequence[tuple[str, Any]] | None) -> RateLimitHeaders:
+    def from_metadata(cls, *metadata: Sequence[tuple[str, Any]] | None) -> RateLimitInfo:
         values: dict[str, int] = {}
         for pairs in metadata:
             for key, value in pairs or ():
-                if key in RATE_LIMIT_KEYS and isinstance(value, str) and value.isdigit():
+                if isinstance(value, str) and value.isdigit():
                     values[key] = int(value)
         return cls(
             values.get("x-ratelimit-limit"),
             values.get("x-ratelimit-remaining"),
             values.get("x-ratelimit-reset"),
+            values.get("x-ratelimit-window"),
             values.get("retry-after"),
         )
 
 
 @dataclass(frozen=True)
 class GenerateReply:
+    """A Generate response with the rate-limit metadata that came with it."""
+
     response: pb.GenerateResponse
-    rate_limit: RateLimitHeaders
+    rate_limit: RateLimitInfo
+
+
+class RateLimitExceeded(grpc.aio.AioRpcError):  # type: ignore[misc]
+    """A Generate call rejected with RESOURCE_EXHAUSTED.
+
+    rate_limit has the figures from the metadata; retry_after is the delay in
+    seconds from google.rpc.RetryInfo, or from retry-after when the details
+    are missing.
+    """
+
+    def __init__(self, error: grpc.RpcError) -> None:
+        initial = _metadata(error, "initial_metadata")
+        trailing = _metadata(error, "trailing_metadata")
+        super().__init__(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.aio.Metadata(*initial),
+            grpc.aio.Metadata(*trailing),
+            error.details() if hasattr(error, "details") else str(error),
+        )
+        self.rate_limit = RateLimitInfo.from_metadata(initial, trailing)
+        self.retry_after = _retry_delay(trailing, self.rate_limit)
+
+
+def _metadata(error: grpc.RpcError, name: str) -> tuple[tuple[str, Any], ...]:
+    getter = getattr(error, name, None)
+    pairs = getter() if callable(getter) else None
+    return tuple((key, value) for key, value in pairs or ())
+
+
+def _retry_delay(trailing: Sequence[tuple[str, Any]], rate_limit: RateLimitInfo) -> float | None:
+    for key, value in trailing:
+        if key == DETAILS_METADATA_KEY and isinstance(value, bytes):
+            for detail in status_pb2.Status.FromString(value).details:
+                retry_info = error_details_pb2.RetryInfo()
+                if detail.Unpack(retry_info):
+                    return float(retry_info.retry_delay.ToTimedelta().total_seconds())
+    if rate_limit.retry_after_seconds is not None:
+        return float(rate_limit.retry_after_seconds)
+    return None
+
+
+def generate_request(
+    prompt: str,
+    model: str | None,
+    temperature: float | None,
+    max_tokens: int | None,
+    skip_cache: bool,
+) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(prompt=prompt, skip_cache=skip_cache)
+    if model is not None:
+        request.model = model
+    if temperature is not None:
+        request.temperature = temperature
+    if max_tokens is not None:
+        request.max_tokens = max_tokens
+    return request
+
+
+def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
+    """Return the wait before retry number attempt (counted from 0).
+
+    The ceiling doubles from 0.1 s up to 2 s; the wait is drawn from its upper half.
+    """
+    ceiling = min(BACKOFF_MAX_SECONDS, BACKOFF_FIRST_SECONDS * 2**attempt)
+    return (rng or random).uniform(ceiling / 2, ceiling)
+
+
+def _channel_metadata(
+    metadata: Sequence[tuple[str, str]], api_key: str | None
+) -> tuple[tuple[str, str], ...]:
+    pairs = tuple(metadata)
+    if api_key is not None:
+        pairs += (("authorization", f"Bearer {api_key}"),)
+    return pairs
+
+
+def _watch_ended(code: grpc.StatusCode | None, end: float | None) -> bool:
+    """Return True when a watch stopped because its own timeout ran out."""
+    return code == grpc.StatusCode.DEADLINE_EXCEEDED and end is not None
+
+
+def _resume_point(stats: pb.GetStatsResponse) -> str:
+    """Return the id after which a "new events only" watch starts.
+
+    Without Valkey the newest id is unknown, so the watch starts empty and
+    the server delivers events from its subscription on.
+    """
+    if not stats.connected:
+        return ""
+    return stats.activity[0].id if stats.activity else STREAM_START
+
+
+def _watch_request(since_id: str, types: Sequence[int]) -> pb.WatchActivityRequest:
+    return pb.WatchActivityRequest(
+        since_id=since_id, types=[pb.ActivityType.ValueType(value) for value in types]
+    )
 
 
 class AsyncTokenFlowClient:
-    """Async client over one channel; use as an async context manager."""
+    """asyncio client over one channel; use it as an async context manager.
+
+    credentials: TLS channel credentials (grpc.ssl_channel_credentials()),
+    None for plaintext. api_key: sent as `authorization: Bearer KEY`.
+    metadata: sent with every call.
+    """
 
     def __init__(
         self,
         target: str = DEFAULT_TARGET,
         timeout: float = DEFAULT_TIMEOUT,
         metadata: Sequence[tuple[str, str]] = (),
+        *,
+        retries: int = DEFAULT_RETRIES,
+        credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self.metadata = tuple(metadata)
-        self.channel = grpc.aio.insecure_channel(target)
+        self.retries = retries
+        self.metadata = _channel_metadata(metadata, api_key)
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(target, options=list(options))
+        else:
+            self.channel = grpc.aio.secure_channel(target, credentials, options=list(options))
         self.stub = pb_grpc.TokenFlowServiceStub(self.channel)
 
     async def __aenter__(self) -> AsyncTokenFlowClient:
@@ -73,6 +214,27 @@ class AsyncTokenFlowClient:
     async def close(self) -> None:
         await self.channel.close()
 
+    async def _call(
+        self, attempt_call: Callable[[float], Awaitable[Result]], timeout: float | None
+    ) -> Result:
+        """Run attempt_call(remaining seconds) until it succeeds, retrying UNAVAILABLE."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return await attempt_call(max(remaining, 0.001))
+            except grpc.aio.AioRpcError as error:
+                delay = backoff_delay(attempt)
+                if (
+                    error.code() not in RETRYABLE
+                    or attempt >= self.retries
+                    or time.monotonic() + delay >= deadline
+                ):
+                    raise
+            await asyncio.sleep(delay)
+            attempt += 1
+
     async def generate(
         self,
         prompt: str,
@@ -81,55 +243,237 @@ class AsyncTokenFlowClient:
         max_tokens: int | None = None,
         skip_cache: bool = False,
         metadata: Sequence[tuple[str, str]] = (),
+        timeout: float | None = None,
     ) -> GenerateReply:
-        """Call Generate. A rejected call raises grpc.aio.AioRpcError; its
-        rate-limit metadata is in the error's trailing_metadata()."""
-        request = pb.GenerateRequest(prompt=prompt, skip_cache=skip_cache)
-        if model is not None:
-            request.model = model
-        if temperature is not None:
-            request.temperature = temperature
-        if max_tokens is not None:
-            request.max_tokens = max_tokens
+        """Call Generate; raise RateLimitExceeded when the client is over its limit."""
+        request = generate_request(prompt, model, temperature, max_tokens, skip_cache)
 
-        call = self.stub.Generate(
-            request, timeout=self.timeout, metadata=self.metadata + tuple(metadata)
-        )
-        response = await call
-        headers = RateLimitHeaders.from_metadata(
-            await call.initial_metadata(), await call.trailing_metadata()
-        )
-        return GenerateReply(response, headers)
+        async def attempt(remaining: float) -> GenerateReply:
+            call = self.stub.Generate(
+                request, timeout=remaining, metadata=self.metadata + tuple(metadata)
+            )
+            try:
+                response = await call
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise RateLimitExceeded(error) from None
+                raise
+            headers = RateLimitInfo.from_metadata(
+                await call.initial_metadata(), await call.trailing_metadata()
+            )
+            return GenerateReply(response, headers)
 
-    async def stats(self, activity_limit: int = 0) -> pb.GetStatsResponse:
-        response: pb.GetStatsResponse = await self.stub.GetStats(
-            pb.GetStatsRequest(activity_limit=activity_limit),
-            timeout=self.timeout,
-            metadata=self.metadata,
-        )
-        return response
+        return await self._call(attempt, timeout)
 
-    async def simulate(self, count: int = 0) -> pb.SimulateResponse:
-        response: pb.SimulateResponse = await self.stub.Simulate(
-            pb.SimulateRequest(count=count),
-            timeout=max(self.timeout, SIMULATE_TIMEOUT),
-            metadata=self.metadata,
-        )
-        return response
+    async def stats(
+        self, activity_limit: int = 0, timeout: float | None = None
+    ) -> pb.GetStatsResponse:
+        request = pb.GetStatsRequest(activity_limit=activity_limit)
+
+        async def attempt(remaining: float) -> pb.GetStatsResponse:
+            response: pb.GetStatsResponse = await self.stub.GetStats(
+                request, timeout=remaining, metadata=self.metadata
+            )
+            return response
+
+        return await self._call(attempt, timeout)
+
+    async def simulate(self, count: int = 0, timeout: float | None = None) -> pb.SimulateResponse:
+        request = pb.SimulateRequest(count=count)
+
+        async def attempt(remaining: float) -> pb.SimulateResponse:
+            response: pb.SimulateResponse = await self.stub.Simulate(
+                request, timeout=remaining, metadata=self.metadata
+            )
+            return response
+
+        return await self._call(attempt, timeout or max(self.timeout, SIMULATE_TIMEOUT))
 
     async def watch(
-        self, since_id: str = "", types: Sequence[int] = (), timeout: float | None = None
+        self,
+        since_id: str = "",
+        types: Sequence[int] = (),
+        timeout: float | None = None,
+        reconnect: bool = True,
     ) -> AsyncIterator[pb.WatchActivityResponse]:
-        """Yield activity events until the stream ends or timeout seconds pass."""
-        call = self.stub.WatchActivity(
-            pb.WatchActivityRequest(
-                since_id=since_id, types=[pb.ActivityType.ValueType(t) for t in types]
-            ),
-            timeout=timeout,
-            metadata=self.metadata,
-        )
-        try:
-            async for response in call:
-                yield response
-        finally:
-            call.cancel()
+        """Yield activity events until the caller stops, or until timeout seconds
+        pass, when the iteration simply ends.
+
+        With reconnect, a stream that fails with UNAVAILABLE (the server
+        restarting, for one) is opened again after a backoff, resuming after
+        the last event delivered. With an empty since_id the watch starts at
+        the newest event in the stream, so a reconnect before the first event
+        also misses nothing.
+        """
+        end = None if timeout is None else time.monotonic() + timeout
+        last_id = since_id or (await self._newest_event_id() if reconnect else "")
+        attempt = 0
+        while True:
+            remaining = None if end is None else max(end - time.monotonic(), 0.001)
+            call = self.stub.WatchActivity(
+                _watch_request(last_id, types), timeout=remaining, metadata=self.metadata
+            )
+            try:
+                async for response in call:
+                    attempt = 0
+                    last_id = response.event.id
+                    yield response
+                return
+            except grpc.aio.AioRpcError as error:
+                if _watch_ended(error.code(), end):
+                    return
+                expired = end is not None and time.monotonic() >= end
+                if not reconnect or error.code() not in RETRYABLE or expired:
+                    raise
+            finally:
+                call.cancel()
+            await asyncio.sleep(backoff_delay(attempt))
+            attempt += 1
+
+    async def _newest_event_id(self) -> str:
+        return _resume_point(await self.stats(activity_limit=1))
+
+
+class TokenFlowClient:
+    """Blocking client over one channel; use it as a context manager.
+
+    The arguments are those of AsyncTokenFlowClient.
+    """
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        timeout: float = DEFAULT_TIMEOUT,
+        metadata: Sequence[tuple[str, str]] = (),
+        *,
+        retries: int = DEFAULT_RETRIES,
+        credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.retries = retries
+        self.metadata = _channel_metadata(metadata, api_key)
+        if credentials is None:
+            self.channel = grpc.insecure_channel(target, options=list(options))
+        else:
+            self.channel = grpc.secure_channel(target, credentials, options=list(options))
+        self.stub = pb_grpc.TokenFlowServiceStub(self.channel)
+
+    def __enter__(self) -> TokenFlowClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _call(self, attempt_call: Callable[[float], Result], timeout: float | None) -> Result:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return attempt_call(max(remaining, 0.001))
+            except grpc.RpcError as error:
+                delay = backoff_delay(attempt)
+                code = error.code() if isinstance(error, grpc.Call) else None
+                if (
+                    code not in RETRYABLE
+                    or attempt >= self.retries
+                    or time.monotonic() + delay >= deadline
+                ):
+                    raise
+            time.sleep(delay)
+            attempt += 1
+
+    def generate(
+        self,
+        prompt: str,
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        skip_cache: bool = False,
+        metadata: Sequence[tuple[str, str]] = (),
+        timeout: float | None = None,
+    ) -> GenerateReply:
+        """Call Generate; raise RateLimitExceeded when the client is over its limit."""
+        request = generate_request(prompt, model, temperature, max_tokens, skip_cache)
+
+        def attempt(remaining: float) -> GenerateReply:
+            try:
+                response, call = self.stub.Generate.with_call(
+                    request, timeout=remaining, metadata=self.metadata + tuple(metadata)
+                )
+            except grpc.RpcError as error:
+                if (
+                    isinstance(error, grpc.Call)
+                    and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                ):
+                    raise RateLimitExceeded(error) from None
+                raise
+            headers = RateLimitInfo.from_metadata(call.initial_metadata(), call.trailing_metadata())
+            return GenerateReply(response, headers)
+
+        return self._call(attempt, timeout)
+
+    def stats(self, activity_limit: int = 0, timeout: float | None = None) -> pb.GetStatsResponse:
+        request = pb.GetStatsRequest(activity_limit=activity_limit)
+
+        def attempt(remaining: float) -> pb.GetStatsResponse:
+            response: pb.GetStatsResponse = self.stub.GetStats(
+                request, timeout=remaining, metadata=self.metadata
+            )
+            return response
+
+        return self._call(attempt, timeout)
+
+    def simulate(self, count: int = 0, timeout: float | None = None) -> pb.SimulateResponse:
+        request = pb.SimulateRequest(count=count)
+
+        def attempt(remaining: float) -> pb.SimulateResponse:
+            response: pb.SimulateResponse = self.stub.Simulate(
+                request, timeout=remaining, metadata=self.metadata
+            )
+            return response
+
+        return self._call(attempt, timeout or max(self.timeout, SIMULATE_TIMEOUT))
+
+    def watch(
+        self,
+        since_id: str = "",
+        types: Sequence[int] = (),
+        timeout: float | None = None,
+        reconnect: bool = True,
+    ) -> Iterator[pb.WatchActivityResponse]:
+        """Yield activity events; see AsyncTokenFlowClient.watch."""
+        end = None if timeout is None else time.monotonic() + timeout
+        last_id = since_id or (self._newest_event_id() if reconnect else "")
+        attempt = 0
+        while True:
+            remaining = None if end is None else max(end - time.monotonic(), 0.001)
+            stream = self.stub.WatchActivity(
+                _watch_request(last_id, types), timeout=remaining, metadata=self.metadata
+            )
+            try:
+                for response in stream:
+                    attempt = 0
+                    last_id = response.event.id
+                    yield response
+                return
+            except grpc.RpcError as error:
+                code = error.code() if isinstance(error, grpc.Call) else None
+                if _watch_ended(code, end):
+                    return
+                expired = end is not None and time.monotonic() >= end
+                if not reconnect or code not in RETRYABLE or expired:
+                    raise
+            finally:
+                stream.cancel()
+            time.sleep(backoff_delay(attempt))
+            attempt += 1
+
+    def _newest_event_id(self) -> str:
+        return _resume_point(self.stats(activity_limit=1))

@@ -1,0 +1,330 @@
+"""The Python clients: deadlines, retries on UNAVAILABLE only, rate-limit
+errors, metadata and TLS, and watch() resuming across a server restart."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.conftest import CountingGenerator, make_settings
+from tokenflow_grpc.client import (
+    AsyncTokenFlowClient,
+    RateLimitExceeded,
+    TokenFlowClient,
+    backoff_delay,
+)
+from tokenflow_grpc.server import TokenFlowServer
+from tokenflow_grpc.v1 import tokenflow_pb2 as pb
+from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
+
+
+@dataclass
+class Scripted(pb_grpc.TokenFlowServiceServicer):
+    """A Generate that fails with the scripted codes first, recording each call."""
+
+    failures: list[grpc.StatusCode]
+    calls: list[dict[str, str]] = field(default_factory=list)
+
+    async def Generate(self, request: pb.GenerateRequest, context: Any) -> pb.GenerateResponse:
+        self.calls.append(dict(context.invocation_metadata()))
+        if self.failures:
+            await context.abort(self.failures.pop(0), "scripted failure")
+        return pb.GenerateResponse(response=f"echo {request.prompt}")
+
+
+@pytest.fixture
+async def scripted_server() -> AsyncIterator[Any]:
+    servers: list[grpc.aio.Server] = []
+
+    async def start(
+        failures: list[grpc.StatusCode], credentials: Any = None
+    ) -> tuple[Scripted, str]:
+        servicer = Scripted(list(failures))
+        server = grpc.aio.server()
+        pb_grpc.add_TokenFlowServiceServicer_to_server(servicer, server)
+        if credentials is None:
+            port = server.add_insecure_port("127.0.0.1:0")
+        else:
+            port = server.add_secure_port("127.0.0.1:0", credentials)
+        await server.start()
+        servers.append(server)
+        return servicer, f"127.0.0.1:{port}"
+
+    yield start
+    for server in servers:
+        await server.stop(0)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def test_retries_unavailable_then_succeeds(scripted_server: Any) -> None:
+    servicer, target = await scripted_server([grpc.StatusCode.UNAVAILABLE] * 2)
+    async with AsyncTokenFlowClient(target, retries=3) as client:
+        reply = await client.generate("hello")
+
+    assert reply.response.response == "echo hello"
+    assert len(servicer.calls) == 3
+
+
+async def test_other_codes_not_retried(scripted_server: Any) -> None:
+    servicer, target = await scripted_server([grpc.StatusCode.INTERNAL])
+    async with AsyncTokenFlowClient(target, retries=3) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.generate("hello")
+
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert len(servicer.calls) == 1
+
+
+async def test_retries_stop_after_limit(scripted_server: Any) -> None:
+    servicer, target = await scripted_server([grpc.StatusCode.UNAVAILABLE] * 5)
+    async with AsyncTokenFlowClient(target, retries=2) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.generate("hello")
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(servicer.calls) == 3
+
+
+async def test_sync_client_retries_unavailable(scripted_server: Any) -> None:
+    servicer, target = await scripted_server([grpc.StatusCode.UNAVAILABLE])
+
+    def call() -> str:
+        with TokenFlowClient(target, retries=2) as client:
+            return client.generate("sync").response.response
+
+    # The sync client blocks, so it runs in a thread while the server runs here.
+    text = await asyncio.to_thread(call)
+
+    assert text == "echo sync"
+    assert len(servicer.calls) == 2
+
+
+def test_backoff_grows_and_is_capped() -> None:
+    delays = [backoff_delay(attempt) for attempt in range(8)]
+
+    assert 0.05 <= delays[0] <= 0.1
+    assert 0.1 <= delays[1] <= 0.2
+    assert all(1.0 <= delay <= 2.0 for delay in delays[5:])
+
+
+async def test_deadline_applies(start_server: Any, valkey_url: str) -> None:
+    running = await start_server(valkey_url, generator=CountingGenerator(latency=2.0))
+    async with AsyncTokenFlowClient(running.address, timeout=0.3) as client:
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.generate("slow")
+        elapsed = time.monotonic() - started
+
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert elapsed < 1.5
+
+
+async def test_retry_while_server_restarts(valkey_url: str) -> None:
+    port = free_port()
+    settings = make_settings(valkey_url, grpc_address=f"127.0.0.1:{port}")
+    first = TokenFlowServer(settings)
+    await first.start()
+    await first.stop(0)
+
+    async with AsyncTokenFlowClient(f"127.0.0.1:{port}", timeout=10, retries=20) as client:
+        pending = asyncio.ensure_future(client.generate("through a restart"))
+        await asyncio.sleep(0.3)  # Let the first attempts fail against the closed port.
+        assert not pending.done()
+        second = TokenFlowServer(settings)
+        await second.start()
+        try:
+            reply = await pending
+        finally:
+            await second.stop(0)
+
+    assert reply.response.response
+    assert reply.rate_limit.remaining == 9
+
+
+async def test_rate_limit_error_carries_figures(start_server: Any, valkey_url: str) -> None:
+    running = await start_server(valkey_url, rate_limit=2)
+    async with AsyncTokenFlowClient(running.address) as client:
+        first = await client.generate("a")
+        await client.generate("b")
+        with pytest.raises(RateLimitExceeded) as caught:
+            await client.generate("c")
+
+    assert first.rate_limit.limit == 2
+    assert first.rate_limit.remaining == 1
+    assert first.rate_limit.window_seconds == 60
+    error = caught.value
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert error.rate_limit.remaining == 0
+    assert error.rate_limit.limit == 2
+    assert error.retry_after is not None
+    assert 0 < error.retry_after <= 60
+    assert error.rate_limit.retry_after_seconds is not None
+
+
+async def test_sync_client_against_server(start_server: Any, valkey_url: str) -> None:
+    running = await start_server(valkey_url, rate_limit=2)
+
+    def session() -> tuple[Any, Any, Any]:
+        with TokenFlowClient(running.address) as client:
+            first = client.generate("sync one")
+            client.generate("sync one")
+            try:
+                client.generate("sync two")
+            except RateLimitExceeded as error:
+                rejected = error
+            return first, client.stats(), rejected
+
+    first, stats, rejected = await asyncio.to_thread(session)
+
+    assert first.response.cached is False
+    assert stats.cache.hits == 1
+    assert rejected.retry_after is not None
+    assert rejected.rate_limit.remaining == 0
+
+
+async def test_api_key_and_metadata_sent(scripted_server: Any) -> None:
+    servicer, target = await scripted_server([])
+    async with AsyncTokenFlowClient(
+        target, metadata=[("x-team", "search")], api_key="secret-key"
+    ) as client:
+        await client.generate("with a key", metadata=[("x-request-id", "r-1")])
+
+    sent = servicer.calls[0]
+    assert sent["authorization"] == "Bearer secret-key"
+    assert sent["x-team"] == "search"
+    assert sent["x-request-id"] == "r-1"
+
+
+def self_signed_certificate() -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+async def test_tls_round_trip(scripted_server: Any) -> None:
+    certificate, key = self_signed_certificate()
+    server_credentials = grpc.ssl_server_credentials([(key, certificate)])
+    _, target = await scripted_server([], credentials=server_credentials)
+    port = target.rsplit(":", 1)[1]
+    credentials = grpc.ssl_channel_credentials(root_certificates=certificate)
+    async with AsyncTokenFlowClient(
+        f"localhost:{port}", credentials=credentials, retries=0
+    ) as client:
+        reply = await client.generate("over TLS")
+
+    assert reply.response.response == "echo over TLS"
+
+
+async def test_watch_resumes_across_restart(valkey_url: str) -> None:
+    port = free_port()
+    settings = make_settings(valkey_url, grpc_address=f"127.0.0.1:{port}", rate_limit=100)
+    # A second server on the same Valkey and prefix records events while the
+    # first is down, as another replica would.
+    other = TokenFlowServer(make_settings(valkey_url, key_prefix=settings.key_prefix))
+    server = TokenFlowServer(settings)
+    await server.start()
+    await other.start()
+    received: list[str] = []
+    try:
+        async with (
+            AsyncTokenFlowClient(f"127.0.0.1:{port}", retries=50) as client,
+            AsyncTokenFlowClient(f"127.0.0.1:{other.port}") as producer,
+        ):
+            stream = client.watch()
+
+            async def collect(count: int) -> None:
+                async for response in stream:
+                    received.append(response.event.prompt)
+                    if len(received) == count:
+                        return
+
+            collecting = asyncio.ensure_future(collect(6))
+            await _wait_for_watcher(server)
+            for n in range(3):
+                await producer.generate(f"before {n}")
+            await _wait_until(lambda: len(received) == 3)
+
+            await server.stop(0.5)
+            for n in range(3):
+                await producer.generate(f"during {n}")
+            server = TokenFlowServer(settings)
+            await server.start()
+            await asyncio.wait_for(collecting, 20)
+    finally:
+        await server.stop(0)
+        await other.stop(0)
+
+    assert received == [f"before {n}" for n in range(3)] + [f"during {n}" for n in range(3)]
+
+
+async def _wait_for_watcher(server: TokenFlowServer) -> None:
+    await _wait_until(lambda: server.core.hub.watcher_count == 1)
+
+
+async def _wait_until(condition: Any, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.02)
+
+
+async def test_sync_watch_yields_events(start_server: Any, valkey_url: str) -> None:
+    running = await start_server(valkey_url)
+
+    def follow() -> list[str]:
+        with TokenFlowClient(running.address) as client:
+            prompts = []
+            for response in client.watch(timeout=20):
+                prompts.append(response.event.prompt)
+                if len(prompts) == 2:
+                    return prompts
+        return prompts
+
+    following = asyncio.ensure_future(asyncio.to_thread(follow))
+    await _wait_for_watcher(running.server)
+    await running.client.generate("sync watch one")
+    await running.client.generate("sync watch two")
+
+    assert await asyncio.wait_for(following, 20) == ["sync watch one", "sync watch two"]
+
+
+async def test_watch_timeout_ends_iteration(running_valkey: Any) -> None:
+    received = [item async for item in running_valkey.client.watch(timeout=0.5)]
+
+    assert received == []
