@@ -13,6 +13,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from tokenflow_grpc.errors import quoted
+
 logger = logging.getLogger(__name__)
 
 # Event types as stored in the stream's "type" field.
@@ -34,11 +36,11 @@ _RETRY_MAX_SECONDS = 2.0
 def parse_stream_id(text: str) -> tuple[int, int]:
     """Split a stream id "ms-seq" (or "ms") into numbers; raise ValueError when malformed."""
     if not STREAM_ID.fullmatch(text):
-        raise ValueError(f"invalid stream id {text!r}: expected MILLISECONDS-SEQUENCE")
+        raise ValueError(f"invalid stream id {quoted(text)}: expected MILLISECONDS-SEQUENCE")
     ms, _, sequence = text.partition("-")
     parts = int(ms), int(sequence or 0)
     if max(parts) > MAX_STREAM_ID_PART:
-        raise ValueError(f"invalid stream id {text!r}: each part must fit in 64 bits")
+        raise ValueError(f"invalid stream id {quoted(text)}: each part must fit in 64 bits")
     return parts
 
 

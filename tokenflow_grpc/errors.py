@@ -5,6 +5,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Longest excerpt of a client's value quoted in an error message: the whole
+# message travels in gRPC trailers, which have a size limit.
+MAX_QUOTED_CHARS = 64
+
+
+def quoted(value: str) -> str:
+    """Return repr(value), cut to MAX_QUOTED_CHARS characters with a note of the full length."""
+    if len(value) <= MAX_QUOTED_CHARS:
+        return repr(value)
+    return f"{value[:MAX_QUOTED_CHARS]!r}... ({len(value)} characters)"
+
 
 class TokenFlowError(Exception):
     """Root of every error TokenFlow raises on purpose."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 
 from tokenflow_grpc.activity import EVENT_TYPES, parse_stream_id
-from tokenflow_grpc.errors import FieldViolation, InvalidArgumentError
+from tokenflow_grpc.errors import FieldViolation, InvalidArgumentError, quoted
 from tokenflow_grpc.generator import GenerationRequest
 from tokenflow_grpc.settings import Settings
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
@@ -50,7 +50,8 @@ def generation_request(message: pb.GenerateRequest, settings: Settings) -> Gener
     if model not in settings.models:
         violations.append(
             FieldViolation(
-                "model", f"unknown model {model!r}; expected one of {', '.join(settings.models)}"
+                "model",
+                f"unknown model {quoted(model)}; expected one of {', '.join(settings.models)}",
             )
         )
 

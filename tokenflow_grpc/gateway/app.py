@@ -7,12 +7,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import zlib
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 import grpc
 from aiohttp import log as aiohttp_log
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from google.protobuf import descriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -44,6 +46,8 @@ EVENT_STREAM = "text/event-stream"
 RESUME_FIELD = "since_id"
 EVENT_ID_PATH = ("event", "id")
 SSE_KEEPALIVE_SECONDS = 15.0
+# Stream ids are two 20-digit numbers and a dash.
+MAX_EVENT_ID_LENGTH = 41
 HEALTH_TIMEOUT_SECONDS = 2.0
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -166,7 +170,7 @@ class Gateway:
             return error_response(grpc.StatusCode.NOT_FOUND, f"no route for {request.path}")
 
         try:
-            body = await request.read() if route.body else b""
+            body = await _read_body(request) if route.body else b""
             query = {key: request.query.getall(key) for key in request.query.keys()}
             message = build_request(route, path_values, query, body)
             timeout = _timeout(request)
@@ -202,9 +206,15 @@ class Gateway:
         timeout: float | None,
     ) -> web.StreamResponse:
         """Relay a server stream as NDJSON, or as Server-Sent Events when accepted."""
-        sse = EVENT_STREAM in request.headers.get("Accept", "")
+        sse = EVENT_STREAM in request.headers.get("Accept", "").lower()
         last_event_id = request.headers.get("Last-Event-ID", "")
         if sse and last_event_id and RESUME_FIELD in message.DESCRIPTOR.fields_by_name:
+            if not last_event_id.isascii() or len(last_event_id) > MAX_EVENT_ID_LENGTH:
+                return error_response(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"invalid Last-Event-ID: expected an event id of at most "
+                    f"{MAX_EVENT_ID_LENGTH} ASCII characters",
+                )
             setattr(message, RESUME_FIELD, last_event_id)
 
         call = self._callables[route.grpc_path](message, metadata=metadata, timeout=timeout)
@@ -285,6 +295,21 @@ class _StreamWriter:
         while True:
             await asyncio.sleep(SSE_KEEPALIVE_SECONDS)
             await self._write(": keepalive\n\n")
+
+
+async def _read_body(request: web.Request) -> bytes:
+    """Read the body; raise TranscodeError when its Content-Encoding cannot be decoded."""
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise
+    except web.HTTPException as error:
+        raise TranscodeError(f"cannot read the body: {error.text or error.reason}") from error
+    except (RequestPayloadError, ValueError, OSError, zlib.error) as error:
+        encoding = request.headers.get("Content-Encoding", "identity")
+        raise TranscodeError(
+            f"cannot decode the body with Content-Encoding {encoding!r}: {error}"
+        ) from error
 
 
 def _timeout(request: web.Request) -> float | None:

@@ -24,6 +24,25 @@ RATE_LIMIT_HEADERS = {
 }
 # Metadata that HTTP/2 or gRPC itself owns, never copied to HTTP headers.
 RESERVED_METADATA = {"content-type", "grpc-status", "grpc-message", "grpc-status-details-bin"}
+# Metadata that a client must not set through Grpc-Metadata-*: gRPC's own
+# keys and HTTP/2 connection headers. They are dropped.
+FORBIDDEN_FORWARDED_KEYS = {
+    "te",
+    "host",
+    "connection",
+    "content-length",
+    "transfer-encoding",
+    "upgrade",
+    "keep-alive",
+    "user-agent",
+    "x-forwarded-for",
+}
+# Forwarded metadata above this many bytes is rejected with 400, below gRPC's
+# default limit of 8 KiB on received metadata.
+MAX_FORWARDED_METADATA_BYTES = 4096
+# Longer Grpc-Timeout values are cut to this: a deadline centuries away
+# overflows gRPC's clock.
+MAX_TIMEOUT_SECONDS = 30 * 86400.0
 RATE_LIMIT_POLICY_NAME = "default"
 # HTTP headers passed on as metadata under their own name.
 FORWARDED_HEADERS = ("authorization", "x-request-id")
@@ -44,7 +63,7 @@ def parse_timeout(value: str) -> float:
             f"invalid Grpc-Timeout {value!r}: expected up to 8 digits and a unit "
             "(H, M, S, m, u or n), for example 500m"
         )
-    return int(found.group(1)) * TIMEOUT_UNITS[found.group(2)]
+    return min(int(found.group(1)) * TIMEOUT_UNITS[found.group(2)], MAX_TIMEOUT_SECONDS)
 
 
 def forwarded_for(
@@ -97,9 +116,21 @@ def request_metadata(
             METADATA_HEADER_PREFIX
         ):
             key = lowered[len(METADATA_HEADER_PREFIX) :]
-            if key.endswith("-bin") or key in RESERVED_METADATA or key == "x-forwarded-for":
+            if (
+                key.endswith("-bin")
+                or key.startswith("grpc-")
+                or key in RESERVED_METADATA
+                or key in FORBIDDEN_FORWARDED_KEYS
+            ):
                 continue
             metadata.append(_checked(name, key, value))
+
+    size = sum(len(key) + len(value) for key, value in metadata)
+    if size > MAX_FORWARDED_METADATA_BYTES:
+        raise HeaderError(
+            f"the forwarded headers (Authorization, X-Request-Id, Grpc-Metadata-*) are "
+            f"{size} bytes; the maximum is {MAX_FORWARDED_METADATA_BYTES}"
+        )
 
     incoming = headers.getall("X-Forwarded-For", []) if hasattr(headers, "getall") else []
     forwarded = forwarded_for(peer, list(incoming), trusted)

@@ -157,11 +157,17 @@ def build_request(
     if route.body != "*":
         path_fields = {_field_by_path(route.request_class, p) for p in path_values}
         body_field = _field_by_path(route.request_class, route.body) if route.body else None
+        seen: dict[descriptor.FieldDescriptor, str] = {}
         for path, values in query.items():
             try:
                 field = _field_by_path(route.request_class, path)
             except TranscodeError as error:
                 raise TranscodeError(f"unknown query parameter {path!r}: {error}") from error
+            if field in seen:
+                raise TranscodeError(
+                    f"query parameters {seen[field]!r} and {path!r} set the same field"
+                )
+            seen[field] = path
             top = _field_by_path(route.request_class, path.split(".")[0])
             if body_field is not None and top == body_field:
                 raise TranscodeError(f"field {path!r} is bound to the body, not the query")
@@ -192,6 +198,8 @@ def _parse_body(route: Route, message: Message, body: bytes) -> None:
         document = json.loads(text)
     except json.JSONDecodeError as error:
         raise TranscodeError(f"malformed JSON body: {error}") from error
+    except RecursionError as error:
+        raise TranscodeError("the JSON body is nested too deeply") from error
 
     if route.body == "*":
         target: Any = document
@@ -204,6 +212,8 @@ def _parse_body(route: Route, message: Message, body: bytes) -> None:
         json_format.ParseDict(target, message)
     except json_format.ParseError as error:
         raise TranscodeError(str(error)) from error
+    except RecursionError as error:
+        raise TranscodeError("the JSON body is nested too deeply") from error
 
 
 def invalid_argument_json(message: str) -> dict[str, Any]:

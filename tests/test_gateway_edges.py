@@ -1,0 +1,121 @@
+"""The gateway on unusual input: deep JSON, bad Content-Encoding, long
+values, oversized metadata, extreme deadlines and header spellings."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import pytest
+
+from tests.conftest import RunningGateway
+
+
+async def post_generate(gateway: RunningGateway, data: bytes, **headers: str) -> Any:
+    async with gateway.session.post(
+        f"{gateway.url}/v1/generate", data=data, headers=headers
+    ) as response:
+        return response.status, await response.json()
+
+
+async def test_deeply_nested_json_is_400(gateway: RunningGateway) -> None:
+    status, body = await post_generate(gateway, b"[" * 5000 + b"]" * 5000)
+
+    assert status == 400
+    assert "nested too deeply" in body["message"]
+
+
+@pytest.mark.parametrize("encoding", ["deflate", "gzip"])
+async def test_undecodable_content_encoding_is_400(gateway: RunningGateway, encoding: str) -> None:
+    status, body = await post_generate(
+        gateway, b'{"prompt": "plain"}', **{"Content-Encoding": encoding}
+    )
+
+    assert status == 400
+    assert body["code"] == 3
+    assert encoding in body["message"] or "decode" in body["message"]
+
+
+async def test_valid_gzip_body_accepted(gateway: RunningGateway) -> None:
+    compressor = zlib.compressobj(wbits=31)
+    data = compressor.compress(b'{"prompt": "zipped"}') + compressor.flush()
+    status, body = await post_generate(gateway, data, **{"Content-Encoding": "gzip"})
+
+    assert status == 200
+    assert "zipped" in body["response"]
+
+
+async def test_long_invalid_model_is_400(gateway: RunningGateway) -> None:
+    status, body = await post_generate(
+        gateway, b'{"prompt": "x", "model": "' + b"m" * 20000 + b'"}'
+    )
+
+    assert status == 400
+    assert body["code"] == 3
+    assert "20000 characters" in body["message"]
+    assert len(body["message"]) < 500
+
+
+async def test_long_since_id_is_400(gateway: RunningGateway) -> None:
+    async with gateway.session.get(
+        f"{gateway.url}/v1/activity:watch", params={"sinceId": "9" * 5000 + "-0"}
+    ) as response:
+        body = await response.json()
+
+    assert response.status == 400
+    assert body["code"] == 3
+
+
+async def test_non_ascii_last_event_id_is_400(gateway: RunningGateway) -> None:
+    async with gateway.session.get(
+        f"{gateway.url}/v1/activity:watch",
+        headers={"Accept": "text/event-stream", "Last-Event-ID": "x\u00ff"},
+    ) as response:
+        body = await response.json()
+
+    assert response.status == 400
+    assert "Last-Event-ID" in body["message"]
+
+
+async def test_oversized_metadata_is_400(gateway: RunningGateway) -> None:
+    headers = {f"Grpc-Metadata-Big-{n}": "v" * 2000 for n in range(3)}
+    status, body = await post_generate(gateway, b'{"prompt": "big headers"}', **headers)
+
+    assert status == 400
+    assert "maximum is 4096" in body["message"]
+
+
+async def test_huge_grpc_timeout_is_clamped(gateway: RunningGateway) -> None:
+    status, body = await post_generate(
+        gateway, b'{"prompt": "far deadline"}', **{"Grpc-Timeout": "99999999H"}
+    )
+
+    assert status == 200
+    assert body["cached"] is False
+
+
+async def test_reserved_metadata_not_forwarded(gateway: RunningGateway) -> None:
+    status, _ = await post_generate(
+        gateway, b'{"prompt": "no smuggled deadline"}', **{"Grpc-Metadata-Grpc-Timeout": "1n"}
+    )
+
+    assert status == 200
+
+
+async def test_query_field_set_twice_is_400(gateway: RunningGateway) -> None:
+    async with gateway.session.get(
+        f"{gateway.url}/v1/stats", params={"activity_limit": "1", "activityLimit": "2"}
+    ) as response:
+        body = await response.json()
+
+    assert response.status == 400
+    assert "set the same field" in body["message"]
+
+
+async def test_accept_is_case_insensitive(gateway: RunningGateway) -> None:
+    async with gateway.session.get(
+        f"{gateway.url}/v1/activity:watch", headers={"Accept": "TEXT/EVENT-STREAM"}
+    ) as response:
+        content_type = response.headers["Content-Type"]
+
+    assert content_type.startswith("text/event-stream")
