@@ -1,4 +1,4 @@
-"""The `tokenflow` command: serve, gateway, generate, stats, watch, simulate."""
+"""The `tokenflow` command: serve, gateway, generate, stats, watch, simulate, dashboard."""
 
 from __future__ import annotations
 
@@ -22,6 +22,11 @@ import grpc
 from google.protobuf import json_format
 
 from tokenflow_grpc.client import DEFAULT_TARGET, DEFAULT_TIMEOUT, AsyncTokenFlowClient
+from tokenflow_grpc.dashboard.model import (
+    DEFAULT_INTERVAL_SECONDS,
+    DEFAULT_SIMULATE_COUNT,
+    DashboardOptions,
+)
 from tokenflow_grpc.errors import ConfigurationError
 from tokenflow_grpc.settings import GatewaySettings, Settings, add_arguments, settings_from
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
@@ -238,6 +243,42 @@ async def watch(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def dashboard(arguments: argparse.Namespace) -> int:
+    """Run the live dashboard, or print one snapshot when stdout is not a terminal."""
+    options = DashboardOptions(
+        arguments.target, arguments.timeout, arguments.interval, arguments.simulate_count
+    )
+    if not sys.stdout.isatty():
+        from tokenflow_grpc.dashboard.snapshot import print_snapshot
+
+        # The snapshot itself reports why the server sent no figures, so the
+        # warning logged for that would only repeat it.
+        logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+        try:
+            return asyncio.run(print_snapshot(options))
+        except KeyboardInterrupt:
+            return 130
+
+    from textual.logging import TextualHandler
+
+    from tokenflow_grpc.dashboard.app import run_app
+
+    # textual draws on the terminal, so records go to its devtools console
+    # (`textual console`) instead of stderr.
+    logging.basicConfig(level=logging.INFO, handlers=[TextualHandler()])
+    return run_app(options)
+
+
+def _positive_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of 1 or more, got {text!r}")
+    return value
+
+
 def _client(arguments: argparse.Namespace) -> AsyncTokenFlowClient:
     return AsyncTokenFlowClient(arguments.target, timeout=arguments.timeout)
 
@@ -303,6 +344,24 @@ def build_parser() -> argparse.ArgumentParser:
     watch_parser.add_argument(
         "--count", type=int, default=0, help="Stop after this many events (0: never)."
     )
+
+    dashboard_parser = client_command(
+        "dashboard",
+        "Show live figures and activity in the terminal; print one plain snapshot "
+        "when stdout is not a terminal.",
+    )
+    dashboard_parser.add_argument(
+        "--interval",
+        type=_positive_seconds,
+        default=DEFAULT_INTERVAL_SECONDS,
+        help=f"Seconds between GetStats calls (default {DEFAULT_INTERVAL_SECONDS:g}).",
+    )
+    dashboard_parser.add_argument(
+        "--simulate-count",
+        type=_positive_count,
+        default=DEFAULT_SIMULATE_COUNT,
+        help=f"Requests in the burst that the s key sends (default {DEFAULT_SIMULATE_COUNT}).",
+    )
     return parser
 
 
@@ -351,6 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_service(arguments, Settings, serve)
     if arguments.command == "gateway":
         return _run_service(arguments, GatewaySettings, run_gateway, _fast_loop_factory())
+
+    if arguments.command == "dashboard":
+        return dashboard(arguments)
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     command = {"generate": generate, "stats": stats, "simulate": simulate, "watch": watch}
