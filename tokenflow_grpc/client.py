@@ -40,6 +40,13 @@ BACKOFF_MAX_SECONDS = 2.0
 STREAM_START = "0-0"
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+# gRPC's own reconnect backoff grows to 120 s by default, so a client would
+# notice a restarted server up to two minutes late; these keep it to seconds.
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
 DETAILS_METADATA_KEY = "grpc-status-details-bin"
 
 Result = TypeVar("Result")
@@ -200,9 +207,11 @@ class AsyncTokenFlowClient:
         self.retries = retries
         self.metadata = _channel_metadata(metadata, api_key)
         if credentials is None:
-            self.channel = grpc.aio.insecure_channel(target, options=list(options))
+            self.channel = grpc.aio.insecure_channel(target, options=[*CHANNEL_OPTIONS, *options])
         else:
-            self.channel = grpc.aio.secure_channel(target, credentials, options=list(options))
+            self.channel = grpc.aio.secure_channel(
+                target, credentials, options=[*CHANNEL_OPTIONS, *options]
+            )
         self.stub = pb_grpc.TokenFlowServiceStub(self.channel)
 
     async def __aenter__(self) -> AsyncTokenFlowClient:
@@ -356,9 +365,11 @@ class TokenFlowClient:
         self.retries = retries
         self.metadata = _channel_metadata(metadata, api_key)
         if credentials is None:
-            self.channel = grpc.insecure_channel(target, options=list(options))
+            self.channel = grpc.insecure_channel(target, options=[*CHANNEL_OPTIONS, *options])
         else:
-            self.channel = grpc.secure_channel(target, credentials, options=list(options))
+            self.channel = grpc.secure_channel(
+                target, credentials, options=[*CHANNEL_OPTIONS, *options]
+            )
         self.stub = pb_grpc.TokenFlowServiceStub(self.channel)
 
     def __enter__(self) -> TokenFlowClient:
