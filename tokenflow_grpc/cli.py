@@ -109,7 +109,7 @@ async def serve(settings: Settings) -> None:
 
     server = TokenFlowServer(settings, on_valkey_down=on_valkey_down)
     gateway: GatewayProcess | None = None
-    signals = _SignalCounter()
+    signals = _SignalCounter("draining calls; send it again to stop at once")
     grace = 0.0  # Until the server runs, stopping needs no drain.
     try:
         port = await server.start()
@@ -145,7 +145,9 @@ async def serve(settings: Settings) -> None:
 class _SignalCounter:
     """Turns SIGTERM and SIGINT into a first event and an optional second action."""
 
-    def __init__(self) -> None:
+    def __init__(self, first_message: str) -> None:
+        """first_message: logged at the first signal, after the signal's name."""
+        self.first_message = first_message
         self.first = asyncio.Event()
         self._second: Callable[[], object] | None = None
         loop = asyncio.get_running_loop()
@@ -157,10 +159,7 @@ class _SignalCounter:
 
     def _received(self, signum: int) -> None:
         if not self.first.is_set():
-            logger.info(
-                "received %s: draining calls; send it again to stop at once",
-                signal.Signals(signum).name,
-            )
+            logger.info("received %s: %s", signal.Signals(signum).name, self.first_message)
             self.first.set()
         elif self._second is not None:
             logger.warning(
@@ -174,7 +173,7 @@ async def run_gateway(settings: GatewaySettings) -> None:
     """Run a gateway in front of settings.target until SIGTERM or SIGINT."""
     from tokenflow_grpc.gateway import start_gateway
 
-    signals = _SignalCounter()
+    signals = _SignalCounter("gateway stopping")
     gateway = await start_gateway(
         settings.target,
         settings.http_address,
