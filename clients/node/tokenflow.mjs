@@ -60,7 +60,10 @@ const OPTIONS = {
   help: { type: "boolean", short: "h", default: false },
 };
 
+// A wrong command line: exit status 2.
 class UsageError extends Error {}
+// A missing file that the client needs before it can call the server: exit status 1.
+class SetupError extends Error {}
 
 // Protobuf's JSON mapping prints Timestamp and Duration as strings
 // ("2026-01-01T12:00:00.250Z", "60s"), as the Python client and buf curl do,
@@ -97,7 +100,7 @@ function fraction(nanos) {
 function loadService() {
   const annotations = path.join(INCLUDE_DIRS[1], "google/api/annotations.proto");
   if (!existsSync(annotations)) {
-    throw new Error(`${annotations} is missing: run \`make proto-deps\` in ${REPOSITORY}`);
+    throw new SetupError(`${annotations} is missing: run \`make proto-deps\` in ${REPOSITORY}`);
   }
   // These options print messages in protobuf's JSON form: lowerCamelCase
   // names, 64-bit integers as strings, enums by name and every field present.
@@ -126,8 +129,17 @@ function parseNumber(name, text, { integer = false, min = -Infinity } = {}) {
 }
 
 function deadline(options) {
-  const seconds = parseNumber("timeout", options.timeout, { min: Number.MIN_VALUE });
+  const seconds = parseNumber("timeout", options.timeout);
+  if (seconds <= 0) {
+    throw new UsageError(`--timeout must be a positive number of seconds, got ${options.timeout}`);
+  }
   return { deadline: Date.now() + seconds * 1000 };
+}
+
+function expectNoArguments(command, positionals) {
+  if (positionals.length) {
+    throw new UsageError(`${command} takes no arguments, got "${positionals.join(" ")}"`);
+  }
 }
 
 function printRateLimit(metadata) {
@@ -177,6 +189,7 @@ function generate(client, positionals, options) {
 }
 
 function stats(client, positionals, options) {
+  expectNoArguments("stats", positionals);
   const activityLimit = parseNumber("activity-limit", options["activity-limit"], {
     integer: true,
     min: 0,
@@ -195,10 +208,11 @@ function stats(client, positionals, options) {
 }
 
 async function watch(client, positionals, options, activityTypes) {
+  expectNoArguments("watch", positionals);
   const count = parseNumber("count", options.count, { integer: true, min: 0 });
   for (const type of options.type) {
     if (!activityTypes.includes(type)) {
-      throw new UsageError(`unknown --type ${type}; expected one of ${activityTypes.join(", ")}`);
+      throw new UsageError(`invalid --type ${type}: expected one of ${activityTypes.join(", ")}`);
     }
   }
 
@@ -254,7 +268,13 @@ async function main(argv) {
 try {
   process.exitCode = await main(process.argv.slice(2));
 } catch (error) {
-  if (!(error instanceof UsageError || error.code?.startsWith("ERR_PARSE_ARGS"))) throw error;
-  console.error(`tokenflow.mjs: ${error.message}\nRun "node tokenflow.mjs --help" for usage.`);
-  process.exitCode = 2;
+  if (error instanceof SetupError) {
+    console.error(`tokenflow.mjs: ${error.message}`);
+    process.exitCode = 1;
+  } else if (error instanceof UsageError || error.code?.startsWith("ERR_PARSE_ARGS")) {
+    console.error(`tokenflow.mjs: ${error.message}\nRun "node tokenflow.mjs --help" for usage.`);
+    process.exitCode = 2;
+  } else {
+    throw error;
+  }
 }
