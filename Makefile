@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BUF := node_modules/.bin/buf
-# npm ci creates this file, so it stands for the installed Node.js client.
+# npm ci creates this file, so make treats it as the installed Node.js client.
 NODE_CLIENT := clients/node/node_modules/.package-lock.json
 PROTO_DEPS := build/proto-deps/google/api
 PYTEST_ARGS ?=
