@@ -16,7 +16,7 @@ import shlex
 import signal
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from google.protobuf import json_format
@@ -76,10 +76,10 @@ async def run_process(*command: str) -> Completed:
     process = await start_process(*command)
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(), PROCESS_TIMEOUT_SECONDS)
+        returncode = await process.wait()
     finally:
         await stop_process(process)
-    assert process.returncode is not None
-    return Completed(process.returncode, stdout.decode(), stderr.decode())
+    return Completed(returncode, stdout.decode(), stderr.decode())
 
 
 def node_command(*arguments: str) -> list[str]:
@@ -135,7 +135,8 @@ async def test_node_generate_miss_then_hit(running_valkey: Running) -> None:
     assert miss["rateLimit"]["remaining"] == 9
     assert hit["rateLimit"]["remaining"] == 8
     assert miss["rateLimit"]["window"] == "60s"
-    assert RFC_3339.fullmatch(miss["rateLimit"]["resetAt"]), miss["rateLimit"]["resetAt"]
+    reset_at = miss["rateLimit"]["resetAt"]
+    assert isinstance(reset_at, str) and RFC_3339.fullmatch(reset_at), reset_at
 
     miss_metadata, hit_metadata = metadata_lines(first.stderr), metadata_lines(second.stderr)
     for key in RATE_LIMIT_KEYS:
@@ -176,8 +177,8 @@ async def test_node_watch_prints_events(running_valkey: Running) -> None:
         *node_command("watch", "--count", "2", "--target", running_valkey.address)
     )
     try:
-        assert process.stderr is not None
-        notice = await asyncio.wait_for(process.stderr.readline(), PROCESS_TIMEOUT_SECONDS)
+        stderr_reader = cast(asyncio.StreamReader, process.stderr)
+        notice = await asyncio.wait_for(stderr_reader.readline(), PROCESS_TIMEOUT_SECONDS)
         assert notice.decode().startswith("subscribed to activity on"), notice
         assert await wait_until(lambda: hub.watcher_count == 1)
 
@@ -252,7 +253,7 @@ FENCE = re.compile(r"^```(\w*)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 def parse_recipes(text: str) -> list[Recipe]:
     """Return each `sh` block that runs buf curl, with the `text` block after it.
 
-    Such a block must hold exactly one command, and an excerpt block must
+    Such a block must contain exactly one command, and an excerpt block must
     follow it.
     """
     blocks = [
@@ -325,7 +326,7 @@ async def test_buf_curl_recipe(running_valkey: Running, recipe: Recipe) -> None:
     assert missing_lines(recipe, output) == [], output
 
 
-# Initial metadata, as buf curl -v prints it, that a WatchActivity stream is live.
+# The initial metadata, as buf curl -v prints it, that marks a live WatchActivity stream.
 SUBSCRIBED_HEADER = "Tokenflow-Watch: subscribed"
 
 
@@ -345,7 +346,6 @@ async def run_stream_recipe(running: Running, recipe: Recipe, command: list[str]
     await generate(running, "a prompt to replay")
 
     process = await start_process(*command)
-    assert process.stdout is not None and process.stderr is not None
     lines: list[str] = []
     changed = asyncio.Event()
 
@@ -357,7 +357,10 @@ async def run_stream_recipe(running: Running, recipe: Recipe, command: list[str]
         finally:
             changed.set()
 
-    readers = asyncio.gather(collect(process.stdout), collect(process.stderr))
+    readers = asyncio.gather(
+        collect(cast(asyncio.StreamReader, process.stdout)),
+        collect(cast(asyncio.StreamReader, process.stderr)),
+    )
     live_event_sent = False
     deadline = asyncio.get_running_loop().time() + PROCESS_TIMEOUT_SECONDS
     try:
