@@ -234,6 +234,7 @@ class HealthMonitor:
         self.on_valkey_down = on_valkey_down
         self.connected: bool | None = None
         self._task: asyncio.Task[None] | None = None
+        self._stopped = False
 
     async def check(self) -> bool:
         error = await self.core.valkey_error()
@@ -269,16 +270,15 @@ class HealthMonitor:
         self._task = asyncio.create_task(self._run(), name="tokenflow-health")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
+        """Stop the checks, repeating the cancel in case a library call swallowed it."""
+        self._stopped = True
+        task, self._task = self._task, None
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.1)
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopped:
             await asyncio.sleep(HEALTH_CHECK_SECONDS)
             await self.check()
 
