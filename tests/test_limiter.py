@@ -105,7 +105,7 @@ async def test_window_slides_with_time(start_server: Any, backend: str) -> None:
     for n in range(3):
         await running.client.generate(f"slide {n}")
         clock.advance(2.0)
-    # The window holds calls at t=0, 2, 4; now t=6.
+    # The window contains calls at t=0, 2 and 4, and now t=6.
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await running.client.generate("too soon")
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

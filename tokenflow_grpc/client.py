@@ -41,7 +41,7 @@ STREAM_START = "0-0"
 
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
 # gRPC's own reconnect backoff grows to 120 s by default, so a client would
-# notice a restarted server up to two minutes late; these keep it to seconds.
+# notice a restarted server up to two minutes late. These options cap it at 2 s.
 CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
@@ -55,7 +55,7 @@ Result = TypeVar("Result")
 @dataclass(frozen=True)
 class RateLimitInfo:
     """Rate-limit metadata of one Generate call; None where the server sent none
-    (it sends none while it answers without Valkey)."""
+    (it sends none while it serves calls without Valkey)."""
 
     limit: int | None
     remaining: int | None

@@ -229,7 +229,7 @@ class TokenFlow:
                     args=[text, self.settings.cache_ttl, token],
                 )
             except (RedisError, OSError) as error:
-                # The answer is good; only caching it failed, and the lock expires by itself.
+                # The response is good and only caching it failed. The lock expires by itself.
                 self._warnings.warning(
                     "store", "could not store cache entry %s: %s", key[:16], error
                 )

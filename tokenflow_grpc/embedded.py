@@ -186,6 +186,6 @@ class EmbeddedValkey:
             time.sleep(0.05)
         self._process.kill()
         raise ConfigurationError(
-            f"valkey-server did not answer within {START_TIMEOUT_SECONDS:g} s; "
+            f"valkey-server did not reply to PING within {START_TIMEOUT_SECONDS:g} s; "
             f"see {self.directory / 'valkey.log'}"
         )

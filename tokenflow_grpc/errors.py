@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Longest excerpt of a client's value quoted in an error message: the whole
-# message travels in gRPC trailers, which have a size limit.
+# Maximum length of a client's value quoted in an error message, because the
+# whole message travels in gRPC trailers, which have a size limit.
 MAX_QUOTED_CHARS = 64
 
 

@@ -41,14 +41,14 @@ class KeySpace:
         return self.root.replace("[", "\\[") + ":*"
 
     def window(self, namespace: str, client: str) -> str:
-        """The sorted set holding one client's sliding window."""
+        """Return the key of the sorted set that is one client's sliding window."""
         return f"{self.root}:{KIND_RATELIMIT}:{namespace}:{client}"
 
     def cache(self, cache_key: str) -> str:
         return f"{self.root}:{KIND_CACHE}:{cache_key}"
 
     def lock(self, cache_key: str) -> str:
-        """The single-flight lock held while one request generates cache_key."""
+        """Return the key of the single-flight lock taken while one request generates cache_key."""
         return f"{self.root}:{KIND_LOCK}:{cache_key}"
 
     @property
