@@ -85,6 +85,8 @@ def gateway_arguments(settings: Settings, target: str) -> list[str]:
     ]
     if settings.http_access_log:
         arguments.append("--http-access-log")
+    if settings.no_web_dashboard:
+        arguments.append("--no-web-dashboard")
     return arguments
 
 
@@ -180,6 +182,7 @@ async def run_gateway(settings: GatewaySettings) -> None:
         settings.gateway_trusted_proxies,
         settings.http_max_body_bytes,
         settings.http_access_log,
+        web_dashboard=not settings.no_web_dashboard,
     )
     http_host = settings.http_address.rsplit(":", 1)[0]
     print(

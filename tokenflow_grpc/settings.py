@@ -134,6 +134,16 @@ def _http_access_log() -> Any:
     )
 
 
+def _no_web_dashboard() -> Any:
+    return _option(
+        "--no-web-dashboard",
+        "TOKENFLOW_NO_WEB_DASHBOARD",
+        "Do not serve the web dashboard page at / on the gateway.",
+        False,
+        switch=True,
+    )
+
+
 def _log_level() -> Any:
     return _option(
         "--log-level",
@@ -283,6 +293,7 @@ class Settings:
     gateway_trusted_proxies: tuple[Network, ...] = _gateway_trusted_proxies()
     http_max_body_bytes: int = _http_max_body_bytes()
     http_access_log: bool = _http_access_log()
+    no_web_dashboard: bool = _no_web_dashboard()
     log_level: str = _log_level()
 
     def __post_init__(self) -> None:
@@ -357,6 +368,7 @@ class GatewaySettings:
     gateway_trusted_proxies: tuple[Network, ...] = _gateway_trusted_proxies()
     http_max_body_bytes: int = _http_max_body_bytes()
     http_access_log: bool = _http_access_log()
+    no_web_dashboard: bool = _no_web_dashboard()
     log_level: str = _log_level()
 
     def __post_init__(self) -> None:

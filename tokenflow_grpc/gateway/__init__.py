@@ -17,6 +17,7 @@ async def start_gateway(
     trusted_proxies: tuple[Network, ...] = (),
     max_body_bytes: int = 1024 * 1024,
     access_log: bool = False,
+    web_dashboard: bool = True,
 ) -> GatewayServer:
     """Start a gateway for TokenFlowService at target; return it once it listens."""
     channel = grpc.aio.insecure_channel(target)
@@ -25,6 +26,7 @@ async def start_gateway(
         tokenflow_pb2.DESCRIPTOR.services_by_name.values(),
         trusted_proxies=trusted_proxies,
         max_body_bytes=max_body_bytes,
+        web_dashboard=web_dashboard,
     )
     server = GatewayServer(gateway, access_log)
     await server.start(http_address)

@@ -35,6 +35,7 @@ from tokenflow_grpc.gateway.transcode import (
     status_json,
     to_json,
 )
+from tokenflow_grpc.gateway.web import add_web_routes
 from tokenflow_grpc.settings import Network
 
 logger = logging.getLogger(__name__)
@@ -92,8 +93,11 @@ class Gateway:
         services: Iterable[descriptor.ServiceDescriptor],
         trusted_proxies: tuple[Network, ...] = (),
         max_body_bytes: int = 1024 * 1024,
+        web_dashboard: bool = True,
     ) -> None:
+        """web_dashboard: serve the dashboard page at `/` and its files under /static/."""
         self.channel = channel
+        self.web_dashboard = web_dashboard
         self.routes = routes_for(services)
         self.trusted_proxies = trusted_proxies
         self.max_body_bytes = max_body_bytes
@@ -121,6 +125,8 @@ class Gateway:
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=[status_errors])
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/openapi.json", self.openapi_document)
+        if self.web_dashboard:
+            add_web_routes(app)
         app.router.add_route("*", "/{tail:.*}", self.dispatch)
         return app
 
