@@ -14,7 +14,7 @@ PROTO_DEPS := build/proto-deps/google/api
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: install serve test bench proto lint proto-deps node-client clean
+.PHONY: install serve test bench proto lint proto-deps node-client browser vendor-web clean
 
 install: $(STAMP)
 
@@ -40,10 +40,31 @@ proto-deps: $(STAMP)
 	   "$$($(BIN)/python -c 'import google.api.http_pb2 as m, os; print(os.path.dirname(m.__file__))')"/http.proto \
 	   $(PROTO_DEPS)/
 
+# Debian's chromium for the web dashboard tests, installed when it is missing
+# and apt-get can run as root. Without it, those tests skip and say why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1; then \
+	  :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends chromium >/dev/null \
+	    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium >/dev/null; } \
+	    || echo "note: apt-get could not install chromium; the browser tests will skip"; \
+	else \
+	  echo "note: no chromium and no root apt-get to install it; the browser tests will skip"; \
+	fi
+
+# Copy Chart.js and its licences from node_modules (pinned in package-lock.json)
+# into the package, where the gateway serves them to the web dashboard.
+vendor-web: $(BUF)
+	cp node_modules/chart.js/dist/chart.umd.min.js tokenflow_grpc/gateway/static/vendor/
+	cp node_modules/chart.js/LICENSE.md tokenflow_grpc/gateway/static/vendor/chart.js.LICENSE.md
+	cp node_modules/@kurkle/color/LICENSE.md tokenflow_grpc/gateway/static/vendor/kurkle-color.LICENSE.md
+
 serve: $(STAMP)
 	$(BIN)/tokenflow serve
 
-test: $(STAMP) $(BUF) $(NODE_CLIENT) proto-deps
+test: $(STAMP) $(BUF) $(NODE_CLIENT) proto-deps browser
 	$(BIN)/ruff check tokenflow_grpc tests tools bench
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -186,8 +186,10 @@ async def start_gateway_for() -> AsyncIterator[Any]:
     """Return a function that starts a gateway for a gRPC target and stops it at teardown."""
     started: list[RunningGateway] = []
 
-    async def start(target: str, **options: Any) -> RunningGateway:
-        server = await start_gateway(target, "127.0.0.1:0", **options)
+    async def start(
+        target: str, http_address: str = "127.0.0.1:0", **options: Any
+    ) -> RunningGateway:
+        server = await start_gateway(target, http_address, **options)
         running = RunningGateway(server, aiohttp.ClientSession())
         started.append(running)
         return running
