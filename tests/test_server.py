@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,6 +307,11 @@ def test_cli_end_to_end(serve: Any, tmp_path: Path) -> None:
     watch_output, watch_errors = watcher.communicate(timeout=5.0)
     watch_lines = watch_output.splitlines()
     watched = json.loads(watch_lines[0])["event"]
+    printed = server.stdout_path.read_text()
+    page_url = re.search(r"Web dashboard: (http://127\.0\.0\.1:\d+/)", printed)
+    assert page_url is not None, printed
+    with urllib.request.urlopen(page_url.group(1), timeout=10.0) as page:
+        page_status, page_text = page.status, page.read().decode()
 
     exit_code = server.stop()
     still_running = wait_until_gone(server.children)
@@ -341,6 +347,9 @@ def test_cli_end_to_end(serve: Any, tmp_path: Path) -> None:
     assert watched["prompt"] in probes
     assert watched["type"] == "ACTIVITY_TYPE_CACHE_MISS"
     assert watched["client"] == "127.0.0.1"
+
+    assert page_status == 200
+    assert "<title>TokenFlow dashboard</title>" in page_text
 
     assert exit_code == 0
     assert f"TokenFlow is serving gRPC on {server.target}" in server.stdout_path.read_text()

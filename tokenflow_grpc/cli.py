@@ -132,6 +132,8 @@ async def serve(settings: Settings) -> None:
                 f"TokenFlow gateway is serving HTTP on http://{http_host}:{gateway_port}",
                 flush=True,
             )
+            if not settings.no_web_dashboard:
+                print(f"Web dashboard: http://{http_host}:{gateway_port}/", flush=True)
         await signals.first.wait()
         grace = SHUTDOWN_GRACE_SECONDS
         signals.on_second(lambda: asyncio.ensure_future(server.server.stop(0)))
