@@ -13,7 +13,6 @@ import asyncio
 import dataclasses
 import logging
 import math
-import signal
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -29,6 +28,7 @@ from tokenflow_grpc.dashboard.model import (
 )
 from tokenflow_grpc.errors import ConfigurationError
 from tokenflow_grpc.settings import GatewaySettings, Settings, add_arguments, settings_from
+from tokenflow_grpc.signals import SignalCounter
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 
 logger = logging.getLogger("tokenflow")
@@ -109,7 +109,7 @@ async def serve(settings: Settings) -> None:
 
     server = TokenFlowServer(settings, on_valkey_down=on_valkey_down)
     gateway: GatewayProcess | None = None
-    signals = _SignalCounter("draining calls; send it again to stop at once")
+    signals = SignalCounter("draining calls; send it again to stop at once")
     grace = 0.0  # Until the server runs, stopping needs no drain.
     try:
         port = await server.start()
@@ -142,38 +142,11 @@ async def serve(settings: Settings) -> None:
             embedded.stop()
 
 
-class _SignalCounter:
-    """Turns SIGTERM and SIGINT into a first event and an optional second action."""
-
-    def __init__(self, first_message: str) -> None:
-        """first_message: logged at the first signal, after the signal's name."""
-        self.first_message = first_message
-        self.first = asyncio.Event()
-        self._second: Callable[[], object] | None = None
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._received, signum)
-
-    def on_second(self, action: Callable[[], object]) -> None:
-        self._second = action
-
-    def _received(self, signum: int) -> None:
-        if not self.first.is_set():
-            logger.info("received %s: %s", signal.Signals(signum).name, self.first_message)
-            self.first.set()
-        elif self._second is not None:
-            logger.warning(
-                "received %s again: cancelling the calls in flight", signal.Signals(signum).name
-            )
-            self._second()
-            self._second = None
-
-
 async def run_gateway(settings: GatewaySettings) -> None:
     """Run a gateway in front of settings.target until SIGTERM or SIGINT."""
     from tokenflow_grpc.gateway import start_gateway
 
-    signals = _SignalCounter("gateway stopping")
+    signals = SignalCounter("gateway stopping")
     gateway = await start_gateway(
         settings.target,
         settings.http_address,
