@@ -9,6 +9,9 @@ from collections.abc import Callable
 
 logger = logging.getLogger("tokenflow")
 
+# Seconds a server drains its calls in flight after the first SIGTERM or SIGINT.
+SHUTDOWN_GRACE_SECONDS = 10.0
+
 
 class SignalCounter:
     """Turns SIGTERM and SIGINT into a first event and an optional second action."""
