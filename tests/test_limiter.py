@@ -54,7 +54,7 @@ async def test_bursts_over_fresh_channels_admit_exactly_limit(running_valkey: Ru
 
 async def test_burst_beyond_connection_pool_exact(valkey_url: str) -> None:
     # More calls in flight than Valkey connections: the calls beyond the pool
-    # wait for a connection, so none is answered unlimited. CLIENT PAUSE holds
+    # wait for a connection, so every call is rate limited. CLIENT PAUSE delays
     # every reply for a moment, so that all the calls are in flight at once.
     redis = connect(valkey_url, 5.0, max_connections=2)
     server = TokenFlowServer(make_settings(valkey_url), redis=redis)

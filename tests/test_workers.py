@@ -152,7 +152,7 @@ def start_pool(tmp_path: Path) -> Iterator[Any]:
 async def generate(
     channel: grpc.aio.Channel, prompt: str, wait_for_ready: bool = False
 ) -> tuple[grpc.StatusCode, int]:
-    """Send one Generate and return its status code and the pid of the worker that answered."""
+    """Send one Generate and return its status code and the pid of the worker that handled it."""
     stub = pb_grpc.TokenFlowServiceStub(channel)
     call = stub.Generate(
         pb.GenerateRequest(prompt=prompt), timeout=60.0, wait_for_ready=wait_for_ready

@@ -115,7 +115,7 @@ async def serve(settings: Settings) -> None:
 
 
 async def _serve_one(settings: Settings, embedded: EmbeddedValkey | None) -> None:
-    """Serve in this process; the health checks restart the embedded Valkey when it exits."""
+    """Serve in this process, whose health checks restart the embedded Valkey when it exits."""
     from tokenflow_grpc.server import TokenFlowServer
 
     on_valkey_down = None
@@ -145,8 +145,8 @@ async def _serve_one(settings: Settings, embedded: EmbeddedValkey | None) -> Non
 
 
 async def _serve_workers(settings: Settings, embedded: EmbeddedValkey | None) -> None:
-    """Supervise settings.workers server processes on one port; stop them all,
-    then the gateway, at the first signal."""
+    """Supervise settings.workers server processes on one port. At the first
+    signal, stop them all, then the gateway."""
     from tokenflow_grpc.workers import WorkerPool
 
     pool = WorkerPool(settings)
@@ -179,7 +179,7 @@ async def _serve_workers(settings: Settings, embedded: EmbeddedValkey | None) ->
 
 
 async def _keep_running(embedded: EmbeddedValkey) -> None:
-    """Restart the embedded Valkey whenever it exits; the workers reconnect by themselves."""
+    """Restart the embedded Valkey whenever it exits. The workers reconnect by themselves."""
     from tokenflow_grpc.server import HEALTH_CHECK_SECONDS
 
     while True:
@@ -191,7 +191,7 @@ async def _keep_running(embedded: EmbeddedValkey) -> None:
 
 
 async def _start_gateway(settings: Settings, target: str) -> GatewayProcess | None:
-    """Start the gateway child in front of target, unless --no-gateway; print its address."""
+    """Start the gateway child in front of target and print its address, unless --no-gateway."""
     from tokenflow_grpc.gateway.process import GatewayProcess
 
     if settings.no_gateway:

@@ -37,8 +37,8 @@ HEALTH_CHECK_SECONDS = 1.0
 # Initial metadata sent once a WatchActivity stream is subscribed: events
 # recorded after the client receives it are delivered.
 WATCH_READY_METADATA = (("tokenflow-watch", "subscribed"),)
-# Trailing metadata of every Generate answered by a worker of `serve --workers N`:
-# the worker's process id, to tell which process answered.
+# Trailing metadata that a worker of `serve --workers N` adds to each Generate
+# response or error. Its value is the worker's process id.
 WORKER_METADATA_KEY = "x-tokenflow-worker"
 
 _SIMULATE_OUTCOMES = {
@@ -117,7 +117,7 @@ async def abort(
     error: TokenFlowError,
     extra_metadata: Sequence[tuple[str, str]] = (),
 ) -> NoReturn:
-    """Fail the call with error's status; extra_metadata joins its trailing metadata."""
+    """Fail the call with error's status, adding extra_metadata to its trailing metadata."""
     code, message, metadata = to_status(error)
     await context.abort(code, message, trailing_metadata=(*metadata, *extra_metadata))
     raise AssertionError("context.abort returned")  # abort always raises

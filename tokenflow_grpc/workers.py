@@ -10,7 +10,7 @@ the one Valkey that every worker uses, so they stay exact across processes.
 
 A worker reads its settings as one JSON line on stdin and keeps stdin open.
 End of file there, or the SIGTERM that Linux sends when the parent dies
-(PR_SET_PDEATHSIG), tells it that the parent is gone, and it drains and
+(PR_SET_PDEATHSIG), means that the parent is gone, so the worker drains and
 stops as on SIGTERM.
 """
 
@@ -38,8 +38,8 @@ logger = logging.getLogger(__name__)
 
 READY_LINE = re.compile(r"^TokenFlow worker (\d+) is serving gRPC on port (\d+)$")
 START_TIMEOUT_SECONDS = 30.0
-# A worker drains its calls for up to SHUTDOWN_GRACE_SECONDS after SIGTERM;
-# the parent kills a worker still running this long after that.
+# A worker drains its calls for up to SHUTDOWN_GRACE_SECONDS after SIGTERM,
+# and the parent kills a worker still running this long after that.
 STOP_MARGIN_SECONDS = 5.0
 # Restart delays double after each exit, up to the maximum, so a worker that
 # fails at start does not spin. A worker that ran STABLE_SECONDS before it
@@ -53,7 +53,8 @@ def reserve_port(grpc_address: str) -> socket.socket:
     """Bind a socket with SO_REUSEPORT to grpc_address and return it, not listening.
 
     Port 0 becomes a free port that the kernel picks. The workers bind the
-    same port next to this socket, which holds the port while they restart.
+    same port next to this socket, which keeps the port reserved while they
+    restart.
     It never listens, so it receives no connections. Raises OSError when
     another process listens on the port, a TokenFlow worker included.
     """
@@ -62,7 +63,7 @@ def reserve_port(grpc_address: str) -> socket.socket:
         host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
     # This bind lacks SO_REUSEPORT, so it fails on a port where any socket
-    # listens; SO_REUSEADDR lets it pass connections left in TIME_WAIT.
+    # listens. SO_REUSEADDR lets it pass connections left in TIME_WAIT.
     with socket.socket(family, kind, protocol) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(address)
@@ -94,7 +95,8 @@ class WorkerProcess:
     """One worker: starts it, restarts it whenever it exits, and stops it."""
 
     def __init__(self, index: int, settings_line: bytes) -> None:
-        """index: 1 to N, kept across restarts; settings_line: the JSON line sent on stdin."""
+        """index is 1 to N and stays the same across restarts. settings_line is
+        the JSON line sent on stdin."""
         self.index = index
         self.settings_line = settings_line
         self.process: asyncio.subprocess.Process | None = None
@@ -120,7 +122,7 @@ class WorkerProcess:
         )
 
     async def stop_supervising(self) -> None:
-        """Stop restarting the worker; a restart in progress is left to send_signal."""
+        """Stop restarting the worker. A restart in progress is stopped by send_signal."""
         supervisor, self._supervisor = self._supervisor, None
         if supervisor is not None:
             supervisor.cancel()
@@ -189,7 +191,7 @@ class WorkerProcess:
                 process.kill()
             await process.wait()
             raise OSError(
-                f"worker {self.index} did not start within {START_TIMEOUT_SECONDS:g} s"
+                f"worker {self.index} start timed out after {START_TIMEOUT_SECONDS:g} s"
             ) from None
         except ConnectionError:
             # The worker exited before it read its settings.
@@ -306,8 +308,8 @@ class WorkerPool:
             worker.send_signal(signum)
 
     async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
-        """Stop every worker at once with SIGTERM; kill those still running after grace
-        plus STOP_MARGIN_SECONDS. Then release the port."""
+        """Stop every worker at once with SIGTERM, and kill those still running
+        after grace plus STOP_MARGIN_SECONDS. Then release the port."""
         if self._stopped:
             return
         self._stopped = True
