@@ -450,6 +450,35 @@ async def test_worker_stops_when_stdin_closes(valkey_url: str) -> None:
     assert "TokenFlow stopped" in errors
 
 
+def test_busy_port_reported(valkey_url: str) -> None:
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        completed = subprocess.run(
+            [
+                TOKENFLOW,
+                "serve",
+                "--workers",
+                "2",
+                "--grpc-address",
+                f"127.0.0.1:{port}",
+                "--no-gateway",
+                "--valkey-url",
+                valkey_url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=STARTUP_SECONDS,
+        )
+    last_line = completed.stderr.strip().splitlines()[-1]
+
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr
+    assert f"cannot listen on the gRPC address 127.0.0.1:{port}" in last_line
+    assert "worker" not in completed.stderr
+
+
 def test_worker_start_failure_reported() -> None:
     completed = subprocess.run(
         [

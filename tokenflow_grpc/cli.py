@@ -163,6 +163,8 @@ async def _serve_workers(settings: Settings, embedded: EmbeddedValkey | None) ->
         port = await pool.start()
         target = local_target(settings.grpc_address, port)
         print(f"TokenFlow is serving gRPC on {target} with {settings.workers} workers", flush=True)
+        # NOTE: the gateway's one gRPC connection reaches one worker, so HTTP/JSON
+        # calls do not spread over the workers.
         gateway = await _start_gateway(settings, target)
         await signals.first.wait()
         grace = SHUTDOWN_GRACE_SECONDS
