@@ -408,6 +408,35 @@ async def test_second_sigint_cancels_calls(start_pool: Any, valkey_url: str) -> 
     assert still_running == []
 
 
+def test_embedded_valkey_restarted(start_pool: Any) -> None:
+    pool: Pool = start_pool("--workers", "2", "--no-gateway")
+    valkey_port = int(VALKEY_LINE.search(pool.log).group(1))  # type: ignore[union-attr]
+    valkey_pid = next(
+        pid
+        for pid in pool.record_children()
+        if b"valkey-server" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    )
+
+    os.kill(valkey_pid, signal.SIGKILL)
+    pool.wait_for_log(re.compile(r"embedded Valkey exited .* restarting it on port"))
+    # Workers reconnect on their own; until then Generate answers without a limit.
+    limited = False
+    with grpc.insecure_channel(pool.target) as channel:
+        stub = pb_grpc.TokenFlowServiceStub(channel)
+        for attempt in range(100):
+            response = stub.Generate(
+                pb.GenerateRequest(prompt=f"after Valkey restart {attempt}"), timeout=10.0
+            )
+            if response.HasField("rate_limit"):
+                limited = True
+                break
+            time.sleep(0.1)
+
+    assert limited
+    assert port_accepts(valkey_port)
+    assert not process_exists(valkey_pid)
+
+
 def test_killed_parent_leaves_no_process(start_pool: Any) -> None:
     pool: Pool = start_pool("--workers", "2")
     children = pool.record_children()
