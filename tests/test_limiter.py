@@ -9,10 +9,12 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from tests.conftest import ManualClock, Running
+from tests.conftest import ManualClock, Running, make_settings
 from tokenflow_grpc.keys import NAMESPACE_CLIENT
+from tokenflow_grpc.server import TokenFlowServer
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
+from tokenflow_grpc.valkey import connect
 
 
 def rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status:
@@ -48,6 +50,36 @@ async def test_bursts_over_fresh_channels_admit_exactly_limit(running_valkey: Ru
     outcomes = await asyncio.gather(*calls, return_exceptions=True)
 
     assert sum(isinstance(o, pb.GenerateResponse) for o in outcomes) == 10
+
+
+async def test_burst_beyond_connection_pool_exact(valkey_url: str) -> None:
+    # More calls in flight than Valkey connections: the calls beyond the pool
+    # wait for a connection, so every call is rate limited. CLIENT PAUSE delays
+    # every reply for a moment, so that all the calls are in flight at once.
+    redis = connect(valkey_url, 5.0, max_connections=2)
+    server = TokenFlowServer(make_settings(valkey_url), redis=redis)
+    await server.start()
+    pauser = connect(valkey_url, 5.0)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+            stub = pb_grpc.TokenFlowServiceStub(channel)
+            await pauser.execute_command("CLIENT", "PAUSE", 500, "ALL")
+            calls = [
+                stub.Generate(pb.GenerateRequest(prompt=f"pool {n}"), timeout=30)
+                for n in range(40)
+            ]
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        await server.stop(grace=1.0)
+        await redis.aclose()
+        await pauser.aclose()
+
+    admitted = [o for o in outcomes if isinstance(o, pb.GenerateResponse)]
+    rejected = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
+    assert len(admitted) == 10
+    assert all(response.HasField("rate_limit") for response in admitted)
+    assert len(rejected) == 30
+    assert {e.code() for e in rejected} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 
 async def test_rejected_request_not_added_to_window(running: Running) -> None:

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tokenflow_grpc.errors import ConfigurationError
-from tokenflow_grpc.settings import Settings, add_arguments, settings_from
+from tokenflow_grpc.settings import Settings, add_arguments, settings_from, settings_values
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -38,6 +38,49 @@ def test_environment_overrides_default() -> None:
 
     assert settings.rate_limit == 5
     assert settings.valkey_url == "memory://"
+
+
+def test_workers_default_flag_and_environment() -> None:
+    assert settings_from(parse(), environ={}).workers == 1
+    assert settings_from(parse(), environ={"TOKENFLOW_WORKERS": "3"}).workers == 3
+    assert settings_from(parse("--workers", "4"), environ={"TOKENFLOW_WORKERS": "3"}).workers == 4
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        [
+            "--workers",
+            "4",
+            "--valkey-url",
+            "redis://:secret@127.0.0.1:6379/2",
+            "--rate-window",
+            "0.125",
+            "--trusted-proxies",
+            "10.0.0.0/8,::1",
+            "--gateway-trusted-proxies",
+            "192.168.0.0/16",
+            "--models",
+            "a,b",
+            "--default-model",
+            "b",
+            "--no-gateway",
+            "--http-access-log",
+            "--log-level",
+            "DEBUG",
+        ],
+    ],
+    ids=["defaults", "every kind of value"],
+)
+def test_settings_values_round_trip(argv: list[str]) -> None:
+    settings = settings_from(parse(*argv), environ={})
+
+    values = settings_values(settings)
+    rebuilt = settings_from(argparse.Namespace(**values), environ={})
+
+    assert rebuilt == settings
+    assert all(isinstance(text, str) for text in values.values())
 
 
 def test_flag_overrides_environment() -> None:
@@ -74,6 +117,11 @@ def test_trusted_proxies_parsed() -> None:
         (["--grpc-address", "bogus"], "--grpc-address"),
         (["--grpc-address", ""], "--grpc-address"),
         (["--http-address", ":80"], "--http-address"),
+        (["--workers", "0"], "--workers"),
+        (["--workers", "-2"], "--workers"),
+        (["--workers", "two"], "--workers"),
+        (["--workers", "100000"], "--workers"),
+        (["--workers", "2", "--valkey-url", "memory://"], "memory://"),
     ],
 )
 def test_invalid_setting_named(argv: list[str], named: str) -> None:
@@ -149,6 +197,7 @@ def test_serve_help_lists_flags() -> None:
         "--rate-window",
         "--cache-ttl",
         "--trusted-proxies",
+        "--workers",
     ):
         assert flag in output
     assert "TOKENFLOW_VALKEY_URL" in output

@@ -10,13 +10,14 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
 import signal
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import json_format
@@ -29,11 +30,14 @@ from tokenflow_grpc.dashboard.model import (
 )
 from tokenflow_grpc.errors import ConfigurationError
 from tokenflow_grpc.settings import GatewaySettings, Settings, add_arguments, settings_from
+from tokenflow_grpc.signals import SHUTDOWN_GRACE_SECONDS, SignalCounter
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 
-logger = logging.getLogger("tokenflow")
+if TYPE_CHECKING:
+    from tokenflow_grpc.embedded import EmbeddedValkey
+    from tokenflow_grpc.gateway.process import GatewayProcess
 
-SHUTDOWN_GRACE_SECONDS = 10.0
+logger = logging.getLogger("tokenflow")
 
 
 def _print_message(message: Any) -> None:
@@ -91,19 +95,33 @@ def gateway_arguments(settings: Settings, target: str) -> list[str]:
 
 
 async def serve(settings: Settings) -> None:
-    """Run the server and its gateway until SIGTERM or SIGINT, then drain and stop.
+    """Run the server, or --workers server processes, and the gateway until
+    SIGTERM or SIGINT, then drain and stop.
 
     A second signal cancels the calls still in flight instead of waiting for them.
     """
     from tokenflow_grpc.embedded import EmbeddedValkey
-    from tokenflow_grpc.gateway.process import GatewayProcess
-    from tokenflow_grpc.server import TokenFlowServer
 
     embedded = None
-    on_valkey_down = None
     if not settings.valkey_url:
         embedded = EmbeddedValkey(settings.data_dir)
         settings = dataclasses.replace(settings, valkey_url=embedded.start())
+    try:
+        if settings.workers > 1:
+            await _serve_workers(settings, embedded)
+        else:
+            await _serve_one(settings, embedded)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+async def _serve_one(settings: Settings, embedded: EmbeddedValkey | None) -> None:
+    """Serve in this process, whose health checks restart the embedded Valkey when it exits."""
+    from tokenflow_grpc.server import TokenFlowServer
+
+    on_valkey_down = None
+    if embedded is not None:
         restart = embedded.ensure_running
 
         async def on_valkey_down() -> bool:
@@ -111,29 +129,13 @@ async def serve(settings: Settings) -> None:
 
     server = TokenFlowServer(settings, on_valkey_down=on_valkey_down)
     gateway: GatewayProcess | None = None
-    signals = _SignalCounter("draining calls; send it again to stop at once")
+    signals = SignalCounter("draining calls; send it again to stop at once")
     grace = 0.0  # Until the server runs, stopping needs no drain.
     try:
         port = await server.start()
         target = local_target(settings.grpc_address, port)
         print(f"TokenFlow is serving gRPC on {target}", flush=True)
-        if not settings.no_gateway:
-            gateway = GatewayProcess(gateway_arguments(settings, target))
-            try:
-                gateway_port = await gateway.start()
-            except OSError as error:
-                gateway = None
-                raise OSError(
-                    f"the gateway could not start on {settings.http_address}: {error}; "
-                    "pass another --http-address or --no-gateway"
-                ) from error
-            http_host = settings.http_address.rsplit(":", 1)[0]
-            print(
-                f"TokenFlow gateway is serving HTTP on http://{http_host}:{gateway_port}",
-                flush=True,
-            )
-            if not settings.no_web_dashboard:
-                print(f"Web dashboard: http://{http_host}:{gateway_port}/", flush=True)
+        gateway = await _start_gateway(settings, target)
         await signals.first.wait()
         grace = SHUTDOWN_GRACE_SECONDS
         signals.on_second(lambda: asyncio.ensure_future(server.server.stop(0)))
@@ -142,42 +144,82 @@ async def serve(settings: Settings) -> None:
         if gateway is not None:
             stopping.append(gateway.stop())
         await asyncio.gather(*stopping)
-        if embedded is not None:
-            embedded.stop()
 
 
-class _SignalCounter:
-    """Turns SIGTERM and SIGINT into a first event and an optional second action."""
+async def _serve_workers(settings: Settings, embedded: EmbeddedValkey | None) -> None:
+    """Supervise settings.workers server processes on one port. At the first
+    signal, stop them all, then the gateway."""
+    from tokenflow_grpc.workers import WorkerPool
 
-    def __init__(self, first_message: str) -> None:
-        """first_message: logged at the first signal, after the signal's name."""
-        self.first_message = first_message
-        self.first = asyncio.Event()
-        self._second: Callable[[], object] | None = None
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, self._received, signum)
+    pool = WorkerPool(settings)
+    gateway: GatewayProcess | None = None
+    watchdog = None
+    if embedded is not None:
+        watchdog = asyncio.create_task(_keep_running(embedded), name="tokenflow-valkey-watchdog")
+    signals = SignalCounter(
+        f"stopping {settings.workers} workers, which drain their calls; "
+        "send it again to stop at once"
+    )
+    grace = 0.0  # Until the workers run, stopping needs no drain.
+    try:
+        port = await pool.start()
+        target = local_target(settings.grpc_address, port)
+        print(f"TokenFlow is serving gRPC on {target} with {settings.workers} workers", flush=True)
+        # NOTE: the gateway's one gRPC connection reaches one worker, so HTTP/JSON
+        # calls do not spread over the workers.
+        gateway = await _start_gateway(settings, target)
+        await signals.first.wait()
+        grace = SHUTDOWN_GRACE_SECONDS
+        # A worker cancels its calls in flight at its second SIGTERM.
+        signals.on_second(lambda: pool.send_signal(signal.SIGTERM))
+    finally:
+        await pool.stop(grace)
+        if gateway is not None:
+            await gateway.stop()
+        if watchdog is not None:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
 
-    def on_second(self, action: Callable[[], object]) -> None:
-        self._second = action
 
-    def _received(self, signum: int) -> None:
-        if not self.first.is_set():
-            logger.info("received %s: %s", signal.Signals(signum).name, self.first_message)
-            self.first.set()
-        elif self._second is not None:
-            logger.warning(
-                "received %s again: cancelling the calls in flight", signal.Signals(signum).name
-            )
-            self._second()
-            self._second = None
+async def _keep_running(embedded: EmbeddedValkey) -> None:
+    """Restart the embedded Valkey whenever it exits. The workers reconnect by themselves."""
+    from tokenflow_grpc.server import HEALTH_CHECK_SECONDS
+
+    while True:
+        await asyncio.sleep(HEALTH_CHECK_SECONDS)
+        try:
+            await asyncio.to_thread(embedded.ensure_running)
+        except ConfigurationError as error:
+            logger.error("embedded Valkey restart failed: %s", error)
+
+
+async def _start_gateway(settings: Settings, target: str) -> GatewayProcess | None:
+    """Start the gateway child in front of target and print its address, unless --no-gateway."""
+    from tokenflow_grpc.gateway.process import GatewayProcess
+
+    if settings.no_gateway:
+        return None
+    gateway = GatewayProcess(gateway_arguments(settings, target))
+    try:
+        gateway_port = await gateway.start()
+    except OSError as error:
+        raise OSError(
+            f"the gateway could not start on {settings.http_address}: {error}; "
+            "pass another --http-address or --no-gateway"
+        ) from error
+    http_host = settings.http_address.rsplit(":", 1)[0]
+    print(f"TokenFlow gateway is serving HTTP on http://{http_host}:{gateway_port}", flush=True)
+    if not settings.no_web_dashboard:
+        print(f"Web dashboard: http://{http_host}:{gateway_port}/", flush=True)
+    return gateway
 
 
 async def run_gateway(settings: GatewaySettings) -> None:
     """Run a gateway in front of settings.target until SIGTERM or SIGINT."""
     from tokenflow_grpc.gateway import start_gateway
 
-    signals = _SignalCounter("gateway stopping")
+    signals = SignalCounter("gateway stopping")
     gateway = await start_gateway(
         settings.target,
         settings.http_address,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, NoReturn
 
 import grpc
@@ -37,6 +37,9 @@ HEALTH_CHECK_SECONDS = 1.0
 # Initial metadata sent once a WatchActivity stream is subscribed: events
 # recorded after the client receives it are delivered.
 WATCH_READY_METADATA = (("tokenflow-watch", "subscribed"),)
+# Trailing metadata that a worker of `serve --workers N` adds to each Generate
+# response or error. Its value is the worker's process id.
+WORKER_METADATA_KEY = "x-tokenflow-worker"
 
 _SIMULATE_OUTCOMES = {
     OUTCOME_SUCCESS: pb.SIMULATE_OUTCOME_SUCCESS,
@@ -109,18 +112,27 @@ def stats_message(snapshot: StatsSnapshot, settings: Settings) -> pb.GetStatsRes
     )
 
 
-async def abort(context: grpc.aio.ServicerContext[Any, Any], error: TokenFlowError) -> NoReturn:
+async def abort(
+    context: grpc.aio.ServicerContext[Any, Any],
+    error: TokenFlowError,
+    extra_metadata: Sequence[tuple[str, str]] = (),
+) -> NoReturn:
+    """Fail the call with error's status, adding extra_metadata to its trailing metadata."""
     code, message, metadata = to_status(error)
-    await context.abort(code, message, trailing_metadata=tuple(metadata))
+    await context.abort(code, message, trailing_metadata=(*metadata, *extra_metadata))
     raise AssertionError("context.abort returned")  # abort always raises
 
 
 class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
     """Validates requests, finds the client identity and maps errors to statuses."""
 
-    def __init__(self, core: TokenFlow, settings: Settings) -> None:
+    def __init__(self, core: TokenFlow, settings: Settings, worker_id: str | None = None) -> None:
+        """worker_id: sent as x-tokenflow-worker trailing metadata with each Generate."""
         self.core = core
         self.settings = settings
+        self.worker_metadata: tuple[tuple[str, str], ...] = (
+            ((WORKER_METADATA_KEY, worker_id),) if worker_id else ()
+        )
 
     def client_of(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         forwarded = [
@@ -139,7 +151,9 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
                 generation, self.client_of(context), skip_cache=request.skip_cache
             )
         except TokenFlowError as error:
-            await abort(context, error)
+            await abort(context, error, self.worker_metadata)
+        if self.worker_metadata:
+            context.set_trailing_metadata(self.worker_metadata)
         return await self._generate_response(result, context)
 
     async def _generate_response(
@@ -294,11 +308,15 @@ class TokenFlowServer:
         core: TokenFlow | None = None,
         clock: Clock = time.time,
         on_valkey_down: Callable[[], Awaitable[object]] | None = None,
+        reuse_port: bool = False,
+        worker_id: str | None = None,
     ) -> None:
         """redis: a client to use instead of connecting to settings.valkey_url;
         clock: seconds since the epoch, replaced by tests; on_valkey_down: see
-        HealthMonitor."""
+        HealthMonitor; reuse_port: share the port with other processes that set
+        SO_REUSEPORT; worker_id: see TokenFlowServicer."""
         self.settings = settings
+        self.worker_id = worker_id
         self._owns_redis = redis is None and core is None
         if core is None:
             redis = (
@@ -310,8 +328,9 @@ class TokenFlowServer:
             core = TokenFlow(redis, settings, generator, clock, hub=self._hub(redis, settings))
         self.core = core
         # Without SO_REUSEPORT a second server on the same port fails to bind
-        # instead of silently sharing the port with the first.
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        # instead of silently sharing the port with the first. The workers of
+        # `serve --workers N` set it to share one port on purpose.
+        self.server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
         self.health = health.aio.HealthServicer()
         self.monitor = HealthMonitor(core, self.health, settings, on_valkey_down)
         self.port = 0
@@ -335,7 +354,7 @@ class TokenFlowServer:
     async def start(self) -> int:
         """Bind, register services and start serving; return the bound port."""
         pb_grpc.add_TokenFlowServiceServicer_to_server(
-            TokenFlowServicer(self.core, self.settings), self.server
+            TokenFlowServicer(self.core, self.settings, self.worker_id), self.server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection(self.server, [SERVICE_NAME, health.SERVICE_NAME])

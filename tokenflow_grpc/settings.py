@@ -8,6 +8,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -28,6 +29,7 @@ MAX_TIMEOUT_SECONDS = 3600
 MAX_SIMULATE_COUNT = 100_000
 MAX_ACTIVITY_EVENTS = 1_000_000
 MAX_WATCH_QUEUE_SIZE = 1_000_000
+MAX_WORKERS = 256
 
 
 def parse_address(text: str, flag: str) -> tuple[str, int]:
@@ -163,6 +165,14 @@ class Settings:
         "TOKENFLOW_GRPC_ADDRESS",
         "gRPC listen address, HOST:PORT.",
         "127.0.0.1:50051",
+    )
+    workers: int = _option(
+        "--workers",
+        "TOKENFLOW_WORKERS",
+        "Number of server processes that share the gRPC port (SO_REUSEPORT), each with its "
+        "own event loop and Valkey connections; above 1 a parent process supervises them.",
+        1,
+        parse=int,
     )
     valkey_url: str = _option(
         "--valkey-url",
@@ -315,6 +325,7 @@ class Settings:
             ("--simulate-max-count", self.simulate_max_count, MAX_SIMULATE_COUNT),
             ("--activity-max-events", self.activity_max_events, MAX_ACTIVITY_EVENTS),
             ("--watch-queue-size", self.watch_queue_size, MAX_WATCH_QUEUE_SIZE),
+            ("--workers", self.workers, MAX_WORKERS),
         ):
             if not math.isfinite(value) or value > maximum:
                 raise ConfigurationError(f"{flag} must be at most {maximum:g}, got {value}")
@@ -331,6 +342,7 @@ class Settings:
             "--watch-queue-size": self.watch_queue_size,
             "--valkey-timeout": self.valkey_timeout,
             "--http-max-body-bytes": self.http_max_body_bytes,
+            "--workers": self.workers,
         }
         for flag, value in positive.items():
             if value <= 0:
@@ -346,6 +358,12 @@ class Settings:
         if self.default_model not in self.models:
             raise ConfigurationError(
                 f"--default-model {self.default_model!r} is not in --models {list(self.models)}"
+            )
+        if self.workers > 1 and urllib.parse.urlsplit(self.valkey_url).scheme == "memory":
+            raise ConfigurationError(
+                f"--workers {self.workers} needs a Valkey that the workers share, but "
+                "memory:// keeps its data inside each process; pass a redis:// URL or "
+                "no --valkey-url for the embedded Valkey"
             )
         if not self.key_prefix or any(c in self.key_prefix for c in "{}*?[] "):
             raise ConfigurationError(
@@ -433,3 +451,25 @@ def settings_from(
                 f"invalid value {raw!r} for {meta['flag']} ({meta['env']}): {error}"
             ) from error
     return cls(**values)
+
+
+def settings_values(settings: Any) -> dict[str, str]:
+    """Return each field of settings as the text its flag takes.
+
+    settings_from(argparse.Namespace(**values), environ={}) rebuilds equal
+    settings, which is how `tokenflow serve --workers N` hands its settings
+    to the worker processes.
+    """
+    values: dict[str, str] = {}
+    for settings_field in dataclasses.fields(settings):
+        value = getattr(settings, settings_field.name)
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, tuple):
+            text = ",".join(str(item) for item in value)
+        elif isinstance(value, float):
+            text = repr(value)
+        else:
+            text = str(value)
+        values[settings_field.name] = text
+    return values

@@ -24,6 +24,11 @@ SUPPORTED_SCHEMES = ("redis", "rediss", "unix", MEMORY_SCHEME)
 # command may have run, and running a Generate script twice would count the
 # request twice.
 _RETRY_ATTEMPTS = 1
+# Connections per client. A command that finds them all busy waits for one,
+# up to the command timeout. redis-py's default pool (redis-py 8.2) raises
+# MaxConnectionsError there instead, which Generate would take for an
+# unreachable Valkey and answer without a limit.
+MAX_CONNECTIONS = 100
 
 
 def redact(url: str) -> str:
@@ -35,11 +40,17 @@ def redact(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
-def connect(url: str, timeout: float, read_timeout: float | None = None) -> Any:
+def connect(
+    url: str,
+    timeout: float,
+    read_timeout: float | None = None,
+    max_connections: int = MAX_CONNECTIONS,
+) -> Any:
     """Return an asyncio client for url; no connection is made until first use.
 
-    timeout bounds connecting and each reply; read_timeout, when given,
-    replaces it for replies (for blocking reads).
+    timeout bounds connecting, waiting for a free connection of the pool and
+    each reply; read_timeout, when given, replaces it for replies (for
+    blocking reads).
     """
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme not in SUPPORTED_SCHEMES:
@@ -50,8 +61,10 @@ def connect(url: str, timeout: float, read_timeout: float | None = None) -> Any:
     if scheme == MEMORY_SCHEME:
         return memory_backend(url)
 
-    return redis_asyncio.Redis.from_url(
+    pool = redis_asyncio.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=timeout,
         decode_responses=True,
         socket_connect_timeout=timeout,
         socket_timeout=read_timeout if read_timeout is not None else timeout,
@@ -62,6 +75,7 @@ def connect(url: str, timeout: float, read_timeout: float | None = None) -> Any:
         ),
         health_check_interval=30,
     )
+    return redis_asyncio.Redis.from_pool(pool)
 
 
 _memory_servers: dict[str, Any] = {}

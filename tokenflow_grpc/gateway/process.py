@@ -15,7 +15,7 @@ import re
 import signal
 import sys
 
-from tokenflow_grpc.processes import child_preexec
+from tokenflow_grpc.processes import child_preexec, relay_output
 
 logger = logging.getLogger(__name__)
 
@@ -89,8 +89,8 @@ class GatewayProcess:
             await process.wait()
             raise OSError(f"the gateway did not start within {START_TIMEOUT_SECONDS:g} s") from None
         self._relays = [
-            asyncio.create_task(self._relay(process.stdout), name="tokenflow-gateway-stdout"),
-            asyncio.create_task(self._relay(process.stderr), name="tokenflow-gateway-stderr"),
+            asyncio.create_task(relay_output(process.stdout), name="tokenflow-gateway-stdout"),
+            asyncio.create_task(relay_output(process.stderr), name="tokenflow-gateway-stderr"),
         ]
         return port
 
@@ -103,14 +103,6 @@ class GatewayProcess:
         errors = (await process.stderr.read()).decode(errors="replace").strip().splitlines()
         await process.wait()
         raise OSError(errors[-1] if errors else f"the gateway exited with {process.returncode}")
-
-    @staticmethod
-    async def _relay(stream: asyncio.StreamReader | None) -> None:
-        """Copy the child's output to this process's stderr, where the logs go."""
-        if stream is None:
-            return
-        while line := await stream.readline():
-            sys.stderr.write(line.decode(errors="replace"))
 
     async def _supervise(self) -> None:
         while not self._stopping:
