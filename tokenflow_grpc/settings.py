@@ -8,6 +8,7 @@ import dataclasses
 import ipaddress
 import math
 import os
+import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -160,6 +161,14 @@ class Settings:
         "Valkey or Redis URL (redis://, rediss://, unix://), or memory:// for the "
         "in-process fakeredis backend. Empty starts an embedded Valkey server.",
         "",
+    )
+    valkey_cluster: bool = _option(
+        "--valkey-cluster",
+        "TOKENFLOW_VALKEY_CLUSTER",
+        "Treat --valkey-url as one node of a Valkey Cluster (redis:// or rediss://) and "
+        "spread the keys over the cluster's primaries.",
+        False,
+        switch=True,
     )
     data_dir: str = _option(
         "--data-dir",
@@ -335,6 +344,14 @@ class Settings:
         if self.default_model not in self.models:
             raise ConfigurationError(
                 f"--default-model {self.default_model!r} is not in --models {list(self.models)}"
+            )
+        cluster_scheme = urllib.parse.urlsplit(self.valkey_url).scheme
+        if self.valkey_cluster and cluster_scheme not in ("redis", "rediss"):
+            # Only the scheme is quoted, because the URL may contain a password.
+            shown = f"a {cluster_scheme}:// URL" if cluster_scheme else "no URL"
+            raise ConfigurationError(
+                "--valkey-cluster needs --valkey-url set to the redis:// or rediss:// URL of "
+                f"one cluster node, got {shown}"
             )
         if not self.key_prefix or any(c in self.key_prefix for c in "{}*?[] "):
             raise ConfigurationError(
