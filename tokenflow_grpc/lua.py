@@ -28,6 +28,7 @@ class Scripts:
     """The registered scripts of one Valkey client."""
 
     begin_generate: Any
+    limit_generate: Any
     claim_generate: Any
     complete_generate: Any
     release_lock: Any
@@ -37,6 +38,7 @@ class Scripts:
     def register(cls, redis: Any) -> Scripts:
         return cls(
             begin_generate=redis.register_script(read_script("begin_generate.lua")),
+            limit_generate=redis.register_script(read_script("limit_generate.lua")),
             claim_generate=redis.register_script(read_script("claim_generate.lua")),
             complete_generate=redis.register_script(
                 read_script("complete_generate.lua", with_common=False)
