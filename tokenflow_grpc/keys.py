@@ -80,6 +80,9 @@ class KeySpace:
 
         In the sharded layout it also matches the keys of a deployment whose
         prefix is this prefix followed by a colon; kind_of() tells them apart.
+        NOTE: except the activity stream of a deployment whose prefix is
+        "PREFIX:N" for a number N of one of this deployment's shard tags:
+        kind_of() counts that stream as this deployment's.
         """
         escaped = "".join("\\" + c if c in _GLOB_SPECIAL else c for c in self.prefix)
         if self.shard_count == 1:
