@@ -128,6 +128,25 @@ class LocalCluster:
                         return self.node_at(int(primary[1]))
         raise AssertionError(f"no running node reports a primary for slot {slot}")
 
+    def slots_of(self, primary: Node) -> set[int]:
+        """Return the slots that a running node reports primary as serving."""
+        with self.running_nodes()[0].client() as client:
+            ranges = client.execute_command("CLUSTER", "SLOTS")
+        slots: set[int] = set()
+        for first, last, node, *_replicas in ranges:
+            if int(node[1]) == primary.port:
+                slots.update(range(first, last + 1))
+        return slots
+
+    def replica_of(self, primary: Node) -> Node:
+        """Return the running node that replicates primary."""
+        for node in self.running_nodes():
+            with node.client() as client:
+                replication = client.info("replication")
+            if replication["role"] == "slave" and replication["master_port"] == primary.port:
+                return node
+        raise AssertionError(f"no running node replicates the node on port {primary.port}")
+
     def running_nodes(self) -> list[Node]:
         return [node for node in self.nodes if node.running]
 
