@@ -28,6 +28,7 @@ from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 # The failover test's cluster marks a primary failed after 1 s without a reply.
 FAILOVER_NODE_TIMEOUT_MS = 1000
 # From the kill to TokenFlow working again: failure detection (1 s), the
@@ -296,7 +297,14 @@ async def test_primary_failover_recovers(failover_cluster: LocalCluster, start_s
         for n, client in enumerate(healthy_clients)
     ]
     outage = await probe_until_recovered(
-        stub, replica, probe, probe_prompts, healthy_calls, lenient_stub, lenient_probe
+        stub,
+        replica,
+        probe,
+        probe_prompts,
+        healthy_calls,
+        lenient_stub,
+        lenient_probe,
+        running.channel(),
     )
     print(
         f"failover: replica promoted {outage.promoted_after} s after the kill, TokenFlow "
@@ -314,6 +322,8 @@ async def test_primary_failover_recovers(failover_cluster: LocalCluster, start_s
     assert {outcome_code(o) for o in outage.probes[:-1]} == {grpc.StatusCode.UNAVAILABLE}
     assert isinstance(outage.probes[-1], pb.GenerateResponse)
     assert not outage.lenient[0].HasField("rate_limit")
+    assert outage.connected[0] is False
+    assert NOT_SERVING in outage.valkey_health
     assert failover_cluster.primary_of(stream_slot) is replica
 
     # Two calls before the kill, the healthy ones during it, and the probe
@@ -332,6 +342,9 @@ class Outage:
         self.probes: list[Any] = []
         self.healthy: list[Any] = []
         self.lenient: list[Any] = []
+        # GetStats' connected field and the health of the entry "valkey", per probe.
+        self.connected: list[bool] = []
+        self.valkey_health: list[int] = []
 
     @property
     def probe_failures(self) -> int:
@@ -346,10 +359,11 @@ async def probe_until_recovered(
     healthy_calls: list[tuple[str, str]],
     lenient_stub: pb_grpc.TokenFlowServiceStub,
     lenient_probe: str,
+    channel: grpc.aio.Channel,
 ) -> Outage:
     """Send a call on the other primaries, a probe on the killed one and a
-    probe to the server that fails open, until a probe succeeds, noting when
-    the replica became a primary."""
+    probe to the server that fails open, and read GetStats and health, until
+    a probe succeeds, noting when the replica became a primary."""
     outage = Outage()
     started = time.monotonic()
     async with redis_asyncio.Redis(port=replica.port, decode_responses=True) as replica_client:
@@ -366,6 +380,9 @@ async def probe_until_recovered(
             client, prompt = healthy_calls[attempt % len(healthy_calls)]
             outage.healthy.append(await send(stub, prompt, client))
             outage.lenient.append(await send(lenient_stub, probe_prompts[attempt], lenient_probe))
+            stats = await stub.GetStats(pb.GetStatsRequest(), timeout=10)
+            outage.connected.append(stats.connected)
+            outage.valkey_health.append(await health_status(channel, "valkey"))
             probed = await send(stub, probe_prompts[attempt], probe)
             outage.probes.append(probed)
             if isinstance(probed, pb.GenerateResponse):
