@@ -75,7 +75,10 @@ class LocalCluster:
         for index in range(2 * PRIMARY_COUNT):
             self.nodes.append(self._spawn(ports[2 * index], ports[2 * index + 1]))
         for node in self.nodes:
-            _wait_for(lambda node=node: _answers_ping(node), f"node {node.port} to answer PING")
+            _wait_for(
+                lambda node=node: _replies_to_ping(node, self.directory),
+                f"node {node.port} to reply to PING",
+            )
             with node.client() as client:
                 node.node_id = client.execute_command("CLUSTER", "MYID")
 
@@ -245,9 +248,12 @@ def _free_ports(count: int) -> list[int]:
         return [probe.getsockname()[1] for probe in probes]
 
 
-def _answers_ping(node: Node) -> bool:
+def _replies_to_ping(node: Node, directory: pathlib.Path) -> bool:
     if not node.running:
-        raise AssertionError(f"valkey-server on port {node.port} exited with {node.process.poll()}")
+        raise AssertionError(
+            f"valkey-server on port {node.port} exited with status {node.process.poll()}; "
+            f"see {directory / f'node-{node.port}.log'}"
+        )
     try:
         with node.client(timeout=0.5) as client:
             return bool(client.ping())
@@ -255,9 +261,13 @@ def _answers_ping(node: Node) -> bool:
         return False
 
 
-def _wait_for(condition: Callable[[], Any], what: str) -> None:
+def _wait_for(condition: Callable[[], Any], description: str) -> None:
+    """Poll condition until it is true; raise AssertionError naming description
+    after START_TIMEOUT_SECONDS."""
     deadline = time.monotonic() + START_TIMEOUT_SECONDS
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {START_TIMEOUT_SECONDS:g} s waiting for {what}")
+            raise AssertionError(
+                f"timed out after {START_TIMEOUT_SECONDS:g} s waiting for {description}"
+            )
         time.sleep(_POLL_SECONDS)

@@ -5,7 +5,7 @@ Each server gets its own key prefix, so tests never see each other's keys.
 The `backend` fixture runs a test against every backend: the embedded
 Valkey, the in-process fakeredis backend (memory://), a Valkey Cluster of
 three primaries with one replica each (tests/cluster.py) and, when one
-answers, the Redis server at 127.0.0.1:6379.
+replies to PING, the Redis server at 127.0.0.1:6379.
 """
 
 from __future__ import annotations

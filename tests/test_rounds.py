@@ -1,9 +1,9 @@
 """The Valkey commands of one Generate call, read with MONITOR on every primary.
 
 MONITOR shows each command with its source, so the commands a Lua script runs
-inside Valkey (source "lua") are told apart from the ones TokenFlow sends;
-INFO commandstats counts both kinds alike. No pipelines run on the hot path,
-so each command sent is one round trip.
+inside Valkey (source "lua") can be left out, whereas INFO commandstats counts
+them with the ones TokenFlow sends. No pipelines run on the hot path, so each
+command sent is one round trip.
 """
 
 from __future__ import annotations
@@ -168,7 +168,7 @@ async def test_cluster_one_round_per_slot(start_server: Any, valkey_cluster: Loc
     assert missed.response.cache_key == entry_key
     assert len({stream, entry, other_window}) == 3
     assert same_window == entry
-    # complete_generate stores the answer after the generator ran.
+    # complete_generate stores the response after the generator ran.
     assert miss == [
         ("limit_generate", other_window),
         ("claim_generate", entry),

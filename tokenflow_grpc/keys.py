@@ -79,10 +79,10 @@ class KeySpace:
         """A SCAN MATCH pattern for every key of this deployment.
 
         In the sharded layout it also matches the keys of a deployment whose
-        prefix is this prefix followed by a colon; kind_of() tells them apart.
-        NOTE: except the activity stream of a deployment whose prefix is
-        "PREFIX:N" for a number N of one of this deployment's shard tags:
-        kind_of() counts that stream as this deployment's.
+        prefix is this prefix followed by a colon, and kind_of() rejects them.
+        NOTE: kind_of() accepts one such key, the activity stream of a
+        deployment whose prefix is "PREFIX:N" with N the number of one of this
+        deployment's shard tags, because that stream's tag is the shard's tag.
         """
         escaped = "".join("\\" + c if c in _GLOB_SPECIAL else c for c in self.prefix)
         if self.shard_count == 1:

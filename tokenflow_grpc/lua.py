@@ -30,9 +30,9 @@ def read_script(name: str, with_common: bool = True) -> str:
 class Script:
     """One Lua script, bound to a Valkey client.
 
-    redis-py's own script object answers NOSCRIPT with SCRIPT LOAD, which a
-    cluster client sends to every primary, so a call failed whenever any
-    primary was down. EVAL goes only to the node of the keys' slot.
+    redis-py's own script object handles a NOSCRIPT reply by sending SCRIPT
+    LOAD, which a cluster client sends to every primary, so the call fails
+    while any primary is down. EVAL goes only to the node of the keys' slot.
     """
 
     def __init__(self, redis: Any, source: str) -> None:

@@ -4,10 +4,10 @@ claim and the activity event, in as few round trips as the key layout allows.
 In the one-shard layout of a single Valkey every key shares one slot, so one
 script does all three and a cache hit costs one round trip (SingleSlotRounds).
 In the sharded layout of a Valkey Cluster each slot touched gets one round,
-one after another because each needs the outcome of the one before: the
-limiter in the client's shard, the cache claim in the cache entry's shard
-(inside the limiter's round when both are the same shard), and the event in
-the activity stream's slot, which no shard shares (ShardedRounds).
+one after another because each needs the outcome of the one before
+(ShardedRounds). The limiter runs in the client's shard and the cache claim in
+the cache entry's shard, inside the limiter's round when both are the same
+shard. The event goes to the activity stream's slot, which no shard shares.
 """
 
 from __future__ import annotations
@@ -208,9 +208,9 @@ class ShardedRounds:
 
     async def begin(self, call: Call) -> Begun:
         # NOTE: when the claim round fails after the limiter round admitted
-        # the call, the call stays in the window and in the requests counter,
-        # but in no hit or miss count, while the caller answers as if Valkey
-        # were unreachable.
+        # the call, the call stays in the window and in the requests counter
+        # but in no hit or miss count, and the caller treats the call as one
+        # that could not reach Valkey.
         outcome, remaining, reset_at_ms, retry_after_ms, cached_text = await self._limit(call)
         if outcome == OUTCOME_ADMITTED:
             claimed = await self.claim(call)
@@ -267,8 +267,11 @@ class ShardedRounds:
         return int(outcome), int(remaining), int(reset_at_ms), int(retry_after_ms), cached_text
 
     async def _record_event(self, call: Call, outcome: int) -> str | None:
-        """Add the event of outcome to the activity stream; return its id, or
-        None when the outcome records none (a wait) or the stream cannot be reached."""
+        """Add the event of outcome to the activity stream and return its id.
+
+        Returns None for an outcome without an event (a wait), and when the
+        stream cannot be reached.
+        """
         event = _EVENTS.get(outcome)
         if event is None:
             return None

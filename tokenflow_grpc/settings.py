@@ -348,10 +348,10 @@ class Settings:
         cluster_scheme = urllib.parse.urlsplit(self.valkey_url).scheme
         if self.valkey_cluster and cluster_scheme not in ("redis", "rediss"):
             # Only the scheme is quoted, because the URL may contain a password.
-            shown = f"a {cluster_scheme}:// URL" if cluster_scheme else "no URL"
+            received = f"a {cluster_scheme}:// URL" if cluster_scheme else "no URL"
             raise ConfigurationError(
                 "--valkey-cluster needs --valkey-url set to the redis:// or rediss:// URL of "
-                f"one cluster node, got {shown}"
+                f"one cluster node, got {received}"
             )
         if not self.key_prefix or any(c in self.key_prefix for c in "{}*?[] "):
             raise ConfigurationError(

@@ -112,8 +112,8 @@ async def read_stats(redis: Any, keys: KeySpace, now_ms: int, activity_limit: in
 
     The activity read joins the transaction of the shard that shares its slot
     (the only shard of a single Valkey). On a cluster no shard does, so it is
-    a call of its own, sent together with the shards' transactions; shards are
-    not read at one instant, so the sums are exact once the load stops.
+    a call of its own, sent together with the shards' transactions. The shards
+    are not read at one instant, so the sums are exact once the load stops.
     """
     if keys.activity_shard is None:
         shards, activity = await asyncio.gather(

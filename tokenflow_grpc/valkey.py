@@ -40,8 +40,8 @@ class ClusterClient(RedisCluster):
     """
 
     # NOTE: redis-py 8.2 reads this class attribute through the client's own
-    # class to decide whether a command is retried; its pipelines read the one
-    # of RedisCluster, so a stats transaction is still retried after a timeout.
+    # class to decide whether to retry a command. Its pipelines read the one of
+    # RedisCluster, so a stats transaction is still retried after a timeout.
     # The base class types the attribute as its own four-error tuple.
     ERRORS_ALLOW_RETRY = (  # type: ignore[assignment]
         RedisConnectionError,

@@ -10,9 +10,10 @@ local function record_event(stream, cap, kind, client, prompt, model, cached, bl
 end
 
 -- Count one request in the stats keys of its shard.
--- counters: hash of all-time counters; requests: hash of requests per epoch
--- second within the current minute; consumers: sorted set of requests per
--- client within the current minute; stats_ttl: TTL of the per-minute keys, s.
+--   counters   hash of all-time counters
+--   requests   hash of requests per epoch second within the current minute
+--   consumers  sorted set of requests per client within the current minute
+--   stats_ttl  TTL of the per-minute keys, s
 local function count_request(counters, requests, consumers, second, client, stats_ttl)
   redis.call('HINCRBY', counters, 'requests', 1)
   redis.call('HINCRBY', requests, second, 1)

@@ -1,8 +1,9 @@
 -- claim_generate: read the cache entry, or take the single-flight lock when
--- it is missing and free. It is the cache round of a Generate call whose entry
--- is in another shard than its client, and each polling step of a request
--- that waits for an identical request to fill the cache (it takes the lock
--- over when that request finished without filling the cache).
+-- it is missing and free. On a cluster it is the cache round of a Generate
+-- call whose entry is in another shard than its client. It is also each
+-- polling step of a request that waits for an identical request to fill the
+-- cache, and it takes the lock over when that request finished without
+-- filling the cache.
 --
 -- KEYS[1] cache      string, the cached response text
 -- KEYS[2] lock       string, token of the request generating KEYS[1]

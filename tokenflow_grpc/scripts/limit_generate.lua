@@ -1,9 +1,10 @@
 -- limit_generate: the first round of one Generate call in the sharded key
--- layout of a Valkey Cluster, run in the client's shard: request counters and
--- the sliding-window rate limit, then, when the cache entry is in the same
--- shard, the cache lookup and single-flight lock. It records no activity
--- event, because the stream is in another slot: the caller adds the event.
--- A rejected request is never added to the window.
+-- layout of a Valkey Cluster, run in the client's shard. It counts the
+-- request and applies the sliding-window rate limit. When the cache entry is
+-- in the same shard, it also does the cache lookup and takes the
+-- single-flight lock. It records no activity event, because the stream is in
+-- another slot, so the caller adds the event. A rejected request is never
+-- added to the window.
 --
 -- KEYS[1] window     sorted set, one member per admitted request, score = time in ms
 -- KEYS[2] counters   hash: the shard's requests, hits, misses, blocked (all-time)
