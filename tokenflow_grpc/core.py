@@ -13,25 +13,27 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from tokenflow_grpc.activity import PROMPT_EXCERPT_CHARS, ActivityHub
+from tokenflow_grpc.activity import ActivityHub
 from tokenflow_grpc.cache import InFlight, cache_key
 from tokenflow_grpc.errors import BackendUnavailableError, GeneratorError, RateLimitedError
 from tokenflow_grpc.generator import GenerationRequest, Generator
-from tokenflow_grpc.keys import NAMESPACE_CLIENT, KeySpace
+from tokenflow_grpc.keys import NAMESPACE_CLIENT, key_space
 from tokenflow_grpc.limiter import Decision
 from tokenflow_grpc.logs import RepeatLimiter
 from tokenflow_grpc.lua import Scripts
+from tokenflow_grpc.rounds import (
+    OUTCOME_HIT,
+    OUTCOME_MISS,
+    OUTCOME_REJECTED,
+    OUTCOME_SKIPPED,
+    Call,
+    rounds_for,
+)
 from tokenflow_grpc.settings import Settings
-from tokenflow_grpc.stats import BUCKET_TTL_SECONDS, StatsSnapshot, minute_of, read_stats
+from tokenflow_grpc.stats import StatsSnapshot, read_stats
+from tokenflow_grpc.valkey import ping
 
 logger = logging.getLogger(__name__)
-
-# Outcomes returned by begin_generate.lua and claim_generate.lua.
-OUTCOME_REJECTED = 0
-OUTCOME_HIT = 1
-OUTCOME_MISS = 2
-OUTCOME_WAIT = 3
-OUTCOME_SKIPPED = 4
 
 # Polling interval of a request waiting for another process to fill the cache.
 _WAIT_POLL_MIN_SECONDS = 0.005
@@ -75,22 +77,23 @@ class TokenFlow:
         self.redis = redis
         self.settings = settings
         self.generator = generator
-        self.keys = KeySpace(settings.key_prefix)
+        self.keys = key_space(settings.key_prefix, settings.valkey_cluster)
         self.scripts = Scripts.register(redis)
         self.in_flight = InFlight()
         self.hub = hub or ActivityHub(redis, self.keys.activity, settings.watch_queue_size)
         self._clock = clock
         self._warnings = RepeatLimiter(logger)
         self._lock_ttl_ms = int(LOCK_LEASE_SECONDS * 1000)
+        self.rounds = rounds_for(redis, self.keys, self.scripts, settings, self._lock_ttl_ms)
         self._max_wait_seconds = settings.generator_timeout + _WAIT_MARGIN_SECONDS
 
     def now_ms(self) -> int:
         return int(self._clock() * 1000)
 
     async def valkey_error(self) -> Exception | None:
-        """Return None when Valkey replies to PING, else the error."""
+        """Return None when Valkey (every primary of a cluster) replies to PING, else the error."""
         try:
-            await self.redis.ping()
+            await ping(self.redis)
         except (RedisError, OSError) as error:
             return error
         return None
@@ -112,72 +115,34 @@ class TokenFlow:
         is deny, and GeneratorError when the generator fails.
         """
         key = cache_key(request)
-        token = uuid.uuid4().hex
+        call = Call(request, client, namespace, key, uuid.uuid4().hex, skip_cache, self.now_ms())
         try:
-            now_ms, reply = await self._begin(request, client, namespace, key, token, skip_cache)
+            begun = await self.rounds.begin(call)
         except (RedisError, OSError) as error:
             return await self._answer_without_valkey(request, key, error)
 
-        outcome, remaining, reset_at_ms, retry_after_ms, cached_text, event_id = reply
         decision = Decision(
-            allowed=outcome != OUTCOME_REJECTED,
+            allowed=begun.outcome != OUTCOME_REJECTED,
             limit=self.settings.rate_limit,
-            remaining=int(remaining),
+            remaining=begun.remaining,
             window_ms=self.settings.rate_window_ms,
-            reset_at_ms=int(reset_at_ms),
-            retry_after_ms=int(retry_after_ms),
-            now_ms=now_ms,
+            reset_at_ms=begun.reset_at_ms,
+            retry_after_ms=begun.retry_after_ms,
+            now_ms=call.now_ms,
         )
-        if outcome == OUTCOME_REJECTED:
+        if begun.outcome == OUTCOME_REJECTED:
             raise RateLimitedError(client, decision)
-        if outcome == OUTCOME_HIT:
-            return GenerateResult(cached_text, True, request.model, key, decision, event_id)
-        if outcome == OUTCOME_SKIPPED:
+        if begun.outcome == OUTCOME_HIT:
+            return GenerateResult(
+                begun.cached_text or "", True, request.model, key, decision, begun.event_id
+            )
+        if begun.outcome == OUTCOME_SKIPPED:
             text = await self._call_generator(request)
-            return GenerateResult(text, False, request.model, key, decision, event_id)
-        if outcome == OUTCOME_MISS:
-            text = await self._generate_and_store(request, key, token)
-            return GenerateResult(text, False, request.model, key, decision, event_id)
-        return await self._wait_for_fill(request, client, key, token, decision)
-
-    async def _begin(
-        self,
-        request: GenerationRequest,
-        client: str,
-        namespace: str,
-        key: str,
-        token: str,
-        skip_cache: bool,
-    ) -> tuple[int, list[Any]]:
-        now_ms = self.now_ms()
-        minute = minute_of(now_ms)
-        keys = self.keys
-        reply = await self.scripts.begin_generate(
-            keys=[
-                keys.window(namespace, client),
-                keys.cache(key),
-                keys.lock(key),
-                keys.counters,
-                keys.requests_bucket(minute),
-                keys.blocked_bucket(minute),
-                keys.consumers(minute),
-                keys.activity,
-            ],
-            args=[
-                now_ms,
-                self.settings.rate_limit,
-                self.settings.rate_window_ms,
-                token,
-                self._lock_ttl_ms,
-                client,
-                request.prompt[:PROMPT_EXCERPT_CHARS],
-                request.model,
-                self.settings.activity_max_events,
-                "0" if skip_cache else "1",
-                BUCKET_TTL_SECONDS,
-            ],
-        )
-        return now_ms, list(reply)
+            return GenerateResult(text, False, request.model, key, decision, begun.event_id)
+        if begun.outcome == OUTCOME_MISS:
+            text = await self._generate_and_store(request, key, call.token)
+            return GenerateResult(text, False, request.model, key, decision, begun.event_id)
+        return await self._wait_for_fill(call, decision)
 
     async def _answer_without_valkey(
         self, request: GenerationRequest, key: str, error: Exception
@@ -259,20 +224,14 @@ class TokenFlow:
             # The lock expires by itself after its TTL.
             logger.warning("could not release cache lock %s: %s", key[:16], error)
 
-    async def _wait_for_fill(
-        self,
-        request: GenerationRequest,
-        client: str,
-        key: str,
-        token: str,
-        decision: Decision,
-    ) -> GenerateResult:
+    async def _wait_for_fill(self, call: Call, decision: Decision) -> GenerateResult:
         """Wait for the request holding the lock, then read its answer.
 
         A request of this process is awaited directly; one of another process
         is polled. When the holder fails, this request takes the lock over
         and generates itself.
         """
+        request, key = call.request, call.cache_key
         deadline = time.monotonic() + self._max_wait_seconds
         delay = _WAIT_POLL_MIN_SECONDS
         while time.monotonic() < deadline:
@@ -282,43 +241,22 @@ class TokenFlow:
                 delay = min(delay * 2, _WAIT_POLL_MAX_SECONDS)
 
             try:
-                outcome, cached_text, event_id = await self._claim(request, client, key, token)
+                claimed = await self.rounds.claim(call)
             except (RedisError, OSError) as error:
                 fallback = await self._answer_without_valkey(request, key, error)
                 return GenerateResult(fallback.response, False, request.model, key, decision, None)
-            if outcome == OUTCOME_HIT and cached_text is not None:
-                return GenerateResult(cached_text, True, request.model, key, decision, event_id)
-            if outcome == OUTCOME_MISS:
-                text = await self._generate_and_store(request, key, token)
-                return GenerateResult(text, False, request.model, key, decision, event_id)
+            if claimed.outcome == OUTCOME_HIT and claimed.cached_text is not None:
+                return GenerateResult(
+                    claimed.cached_text, True, request.model, key, decision, claimed.event_id
+                )
+            if claimed.outcome == OUTCOME_MISS:
+                text = await self._generate_and_store(request, key, call.token)
+                return GenerateResult(text, False, request.model, key, decision, claimed.event_id)
 
         raise GeneratorError(
             f"timed out after {self._max_wait_seconds:.0f} s waiting for an identical request "
             "to fill the cache"
         )
-
-    async def _claim(
-        self, request: GenerationRequest, client: str, key: str, token: str
-    ) -> tuple[int, str | None, str | None]:
-        """Run one claim_generate step: read the entry or take over the lock."""
-        reply = await self.scripts.claim_generate(
-            keys=[
-                self.keys.cache(key),
-                self.keys.lock(key),
-                self.keys.counters,
-                self.keys.activity,
-            ],
-            args=[
-                token,
-                self._lock_ttl_ms,
-                self.settings.activity_max_events,
-                client,
-                request.prompt[:PROMPT_EXCERPT_CHARS],
-                request.model,
-            ],
-        )
-        outcome, cached_text, event_id = reply
-        return int(outcome), cached_text, event_id
 
     async def stats(self, activity_limit: int) -> StatsSnapshot | None:
         """Return a snapshot of the figures, or None when Valkey cannot be reached."""

@@ -1,15 +1,19 @@
 """Loading of the Lua scripts under tokenflow_grpc/scripts/.
 
-Each script is registered once per connection; redis-py sends EVALSHA and
-falls back to EVAL (which caches the script again) after a NOSCRIPT reply,
-for example after Valkey restarted.
+Each script runs with EVALSHA, and after a NOSCRIPT reply (a restarted
+Valkey, a cluster node that never ran it, a promoted replica) once with EVAL,
+which caches it on that server again.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
+
+from redis.exceptions import NoScriptError
 
 COMMON = "_common.lua"
 
@@ -23,24 +27,52 @@ def read_script(name: str, with_common: bool = True) -> str:
     return source
 
 
+class Script:
+    """One Lua script, bound to a Valkey client.
+
+    redis-py's own script object handles a NOSCRIPT reply by sending SCRIPT
+    LOAD, which a cluster client sends to every primary, so the call fails
+    while any primary is down. EVAL goes only to the node of the keys' slot.
+    """
+
+    def __init__(self, redis: Any, source: str) -> None:
+        self.redis = redis
+        self.source = source
+        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+
+    async def __call__(self, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
+        """Run the script and return its reply.
+
+        A NOSCRIPT reply means the script did not run, so running it with
+        EVAL cannot run it twice.
+        """
+        try:
+            return await self.redis.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            return await self.redis.eval(self.source, len(keys), *keys, *args)
+
+
 @dataclass(frozen=True)
 class Scripts:
     """The registered scripts of one Valkey client."""
 
-    begin_generate: Any
-    claim_generate: Any
-    complete_generate: Any
-    release_lock: Any
-    extend_lock: Any
+    begin_generate: Script
+    limit_generate: Script
+    claim_generate: Script
+    complete_generate: Script
+    release_lock: Script
+    extend_lock: Script
 
     @classmethod
     def register(cls, redis: Any) -> Scripts:
+        """Bind every script to redis; nothing is sent until a script first runs."""
         return cls(
-            begin_generate=redis.register_script(read_script("begin_generate.lua")),
-            claim_generate=redis.register_script(read_script("claim_generate.lua")),
-            complete_generate=redis.register_script(
-                read_script("complete_generate.lua", with_common=False)
+            begin_generate=Script(redis, read_script("begin_generate.lua")),
+            limit_generate=Script(redis, read_script("limit_generate.lua")),
+            claim_generate=Script(redis, read_script("claim_generate.lua")),
+            complete_generate=Script(
+                redis, read_script("complete_generate.lua", with_common=False)
             ),
-            release_lock=redis.register_script(read_script("release_lock.lua", with_common=False)),
-            extend_lock=redis.register_script(read_script("extend_lock.lua", with_common=False)),
+            release_lock=Script(redis, read_script("release_lock.lua", with_common=False)),
+            extend_lock=Script(redis, read_script("extend_lock.lua", with_common=False)),
         )

@@ -322,7 +322,9 @@ class TokenFlowServer:
             redis = (
                 redis
                 if redis is not None
-                else connect(settings.valkey_url, settings.valkey_timeout)
+                else connect(
+                    settings.valkey_url, settings.valkey_timeout, cluster=settings.valkey_cluster
+                )
             )
             generator = generator or SimulatedGenerator(settings.generator_latency)
             core = TokenFlow(redis, settings, generator, clock, hub=self._hub(redis, settings))
@@ -337,9 +339,9 @@ class TokenFlowServer:
 
     @staticmethod
     def _hub(redis: Any, settings: Settings) -> ActivityHub:
-        from tokenflow_grpc.keys import KeySpace
+        from tokenflow_grpc.keys import key_space
 
-        stream = KeySpace(settings.key_prefix).activity
+        stream = key_space(settings.key_prefix, settings.valkey_cluster).activity
         if is_memory(settings.valkey_url):
             return ActivityHub(redis, stream, settings.watch_queue_size, block_ms=None)
         # The blocking reader gets its own client, with a read timeout longer than its block time.
@@ -348,6 +350,7 @@ class TokenFlowServer:
             settings.valkey_url,
             settings.valkey_timeout,
             read_timeout=block_ms / 1000 + settings.valkey_timeout,
+            cluster=settings.valkey_cluster,
         )
         return ActivityHub(reader, stream, settings.watch_queue_size, block_ms=block_ms)
 
@@ -376,10 +379,11 @@ class TokenFlowServer:
         self.monitor.start()
         await self.server.start()
         logger.info(
-            "TokenFlow serving gRPC on %s (port %d), Valkey %s, limit %d per %g s",
+            "TokenFlow serving gRPC on %s (port %d), Valkey %s%s, limit %d per %g s",
             self.settings.grpc_address,
             self.port,
             redact(self.settings.valkey_url) or "embedded",
+            " (cluster)" if self.settings.valkey_cluster else "",
             self.settings.rate_limit,
             self.settings.rate_window,
         )

@@ -181,6 +181,14 @@ class Settings:
         "in-process fakeredis backend. Empty starts an embedded Valkey server.",
         "",
     )
+    valkey_cluster: bool = _option(
+        "--valkey-cluster",
+        "TOKENFLOW_VALKEY_CLUSTER",
+        "Treat --valkey-url as one node of a Valkey Cluster (redis:// or rediss://) and "
+        "spread the keys over the cluster's primaries.",
+        False,
+        switch=True,
+    )
     data_dir: str = _option(
         "--data-dir",
         "TOKENFLOW_DATA_DIR",
@@ -364,6 +372,14 @@ class Settings:
                 f"--workers {self.workers} needs a Valkey that the workers share, but "
                 "memory:// keeps its data inside each process; pass a redis:// URL or "
                 "no --valkey-url for the embedded Valkey"
+            )
+        cluster_scheme = urllib.parse.urlsplit(self.valkey_url).scheme
+        if self.valkey_cluster and cluster_scheme not in ("redis", "rediss"):
+            # Only the scheme is quoted, because the URL may contain a password.
+            received = f"a {cluster_scheme}:// URL" if cluster_scheme else "no URL"
+            raise ConfigurationError(
+                "--valkey-cluster needs --valkey-url set to the redis:// or rediss:// URL of "
+                f"one cluster node, got {received}"
             )
         if not self.key_prefix or any(c in self.key_prefix for c in "{}*?[] "):
             raise ConfigurationError(

@@ -1,9 +1,15 @@
 """Reading the figures of GetStats: counters kept on the write path, per-second
-buckets for the last minute, top consumers and a SCAN-based key count."""
+buckets for the last minute, top consumers and a SCAN-based key count.
+
+Each shard of the key layout (keys.KeySpace) keeps its own counters, buckets
+and consumers, so a snapshot sums the shards.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +36,19 @@ class Counters:
         return cls(
             **{name: int(values.get(name, 0)) for name in ("requests", "hits", "misses", "blocked")}
         )
+
+    @classmethod
+    def total(cls, parts: Iterable[Counters]) -> Counters:
+        """Return the sum of the counters of several shards."""
+        totals = cls()
+        for part in parts:
+            totals = cls(
+                requests=totals.requests + part.requests,
+                hits=totals.hits + part.hits,
+                misses=totals.misses + part.misses,
+                blocked=totals.blocked + part.blocked,
+            )
+        return totals
 
     @property
     def hit_ratio(self) -> float:
@@ -61,6 +80,17 @@ class StatsSnapshot:
         return self.key_distribution.get(KIND_CACHE, 0)
 
 
+@dataclass(frozen=True)
+class ShardFigures:
+    """The figures of one shard; activity is None when it was read in another call."""
+
+    counters: Counters
+    requests_last_minute: int
+    blocked_last_minute: int
+    top_consumers: list[tuple[str, int]]
+    activity: list[ActivityEvent] | None
+
+
 def minute_of(now_ms: int) -> int:
     return now_ms // 1000 // SECONDS_PER_MINUTE
 
@@ -78,42 +108,116 @@ def sum_last_minute(now_ms: int, *buckets: dict[str, str]) -> int:
 
 
 async def read_stats(redis: Any, keys: KeySpace, now_ms: int, activity_limit: int) -> StatsSnapshot:
-    """Read one snapshot: one transaction for the figures, then SCAN for key counts."""
-    minute = minute_of(now_ms)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hgetall(keys.counters)
-        pipe.hgetall(keys.requests_bucket(minute))
-        pipe.hgetall(keys.requests_bucket(minute - 1))
-        pipe.hgetall(keys.blocked_bucket(minute))
-        pipe.hgetall(keys.blocked_bucket(minute - 1))
-        pipe.zunionstore(
-            keys.consumers_scratch, [keys.consumers(minute), keys.consumers(minute - 1)]
+    """Read one snapshot: one transaction per shard, then SCAN for key counts.
+
+    The activity read joins the transaction of the shard that shares its slot
+    (the only shard of a single Valkey). On a cluster no shard does, so it is
+    a call of its own, sent together with the shards' transactions. The shards
+    are not read at one instant, so the sums are exact once the load stops.
+    """
+    if keys.activity_shard is None:
+        shards, activity = await asyncio.gather(
+            read_shards(redis, keys, now_ms), read_activity(redis, keys, activity_limit)
         )
-        pipe.zrevrange(keys.consumers_scratch, 0, TOP_CONSUMERS - 1, withscores=True)
-        pipe.delete(keys.consumers_scratch)
-        pipe.xrevrange(keys.activity, count=activity_limit)
-        (
-            counters,
-            requests_now,
-            requests_before,
-            blocked_now,
-            blocked_before,
-            _union_size,
-            top,
-            _deleted,
-            entries,
-        ) = await pipe.execute()
+    else:
+        shards = await read_shards(redis, keys, now_ms, activity_limit)
+        activity = shards[keys.activity_shard].activity or []
 
     distribution = await count_keys(redis, keys)
     return StatsSnapshot(
         now_ms=now_ms,
+        counters=Counters.total(shard.counters for shard in shards),
+        requests_last_minute=sum(shard.requests_last_minute for shard in shards),
+        blocked_last_minute=sum(shard.blocked_last_minute for shard in shards),
+        top_consumers=merge_top_consumers(shard.top_consumers for shard in shards),
+        activity=activity,
+        key_distribution=distribution,
+    )
+
+
+async def read_shards(
+    redis: Any, keys: KeySpace, now_ms: int, activity_limit: int | None = None
+) -> list[ShardFigures]:
+    """Read every shard, concurrently; the shard keys.activity_shard also reads
+    activity_limit events when activity_limit is given."""
+    return list(
+        await asyncio.gather(
+            *(
+                read_shard(
+                    redis,
+                    keys,
+                    shard,
+                    now_ms,
+                    activity_limit if shard == keys.activity_shard else None,
+                )
+                for shard in range(keys.shard_count)
+            )
+        )
+    )
+
+
+async def read_shard(
+    redis: Any, keys: KeySpace, shard: int, now_ms: int, activity_limit: int | None
+) -> ShardFigures:
+    """Read one shard's figures in one transaction, and the activity when
+    activity_limit is given (the stream must share the shard's slot)."""
+    minute = minute_of(now_ms)
+    scratch = keys.consumers_scratch(shard)
+    minutes = [keys.consumers(shard, minute), keys.consumers(shard, minute - 1)]
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hgetall(keys.counters(shard))
+        pipe.hgetall(keys.requests_bucket(shard, minute))
+        pipe.hgetall(keys.requests_bucket(shard, minute - 1))
+        pipe.hgetall(keys.blocked_bucket(shard, minute))
+        pipe.hgetall(keys.blocked_bucket(shard, minute - 1))
+        pipe.zunionstore(scratch, minutes)
+        pipe.zrevrange(scratch, 0, TOP_CONSUMERS - 1, withscores=True)
+        pipe.delete(scratch)
+        if activity_limit is not None:
+            pipe.xrevrange(keys.activity, count=activity_limit)
+        replies = await pipe.execute()
+
+    (
+        counters,
+        requests_now,
+        requests_before,
+        blocked_now,
+        blocked_before,
+        _union_size,
+        top,
+        _deleted,
+    ) = replies[:8]
+    activity = None
+    if activity_limit is not None:
+        activity = [ActivityEvent.from_entry(entry_id, fields) for entry_id, fields in replies[8]]
+    return ShardFigures(
         counters=Counters.from_hash(counters),
         requests_last_minute=sum_last_minute(now_ms, requests_now, requests_before),
         blocked_last_minute=sum_last_minute(now_ms, blocked_now, blocked_before),
         top_consumers=[(client, int(score)) for client, score in top],
-        activity=[ActivityEvent.from_entry(entry_id, fields) for entry_id, fields in entries],
-        key_distribution=distribution,
+        activity=activity,
     )
+
+
+async def read_activity(redis: Any, keys: KeySpace, activity_limit: int) -> list[ActivityEvent]:
+    """Return the latest activity_limit events, newest first."""
+    entries = await redis.xrevrange(keys.activity, count=activity_limit)
+    return [ActivityEvent.from_entry(entry_id, fields) for entry_id, fields in entries]
+
+
+def merge_top_consumers(tops: Iterable[list[tuple[str, int]]]) -> list[tuple[str, int]]:
+    """Merge the shards' top consumers into the overall TOP_CONSUMERS.
+
+    The result is exact because a client is counted in its own shard only
+    (keys.KeySpace.client_shard). Ties are ordered as ZREVRANGE orders them,
+    by client name, descending.
+    """
+    totals: Counter[str] = Counter()
+    for top in tops:
+        for client, requests in top:
+            totals[client] += requests
+    ranked = sorted(totals.items(), key=lambda item: (item[1], item[0]), reverse=True)
+    return ranked[:TOP_CONSUMERS]
 
 
 async def count_keys(redis: Any, keys: KeySpace) -> dict[str, int]:

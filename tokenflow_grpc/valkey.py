@@ -1,5 +1,5 @@
-"""Connections to Valkey: a server by URL, or the in-process fakeredis backend
-(memory://)."""
+"""Connections to Valkey: a server or a Valkey Cluster by URL, or the
+in-process fakeredis backend (memory://)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import urllib.parse
 from typing import Any
 
 import redis.asyncio as redis_asyncio
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import ClusterDownError, SlotNotCoveredError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tokenflow_grpc.errors import ConfigurationError
@@ -18,6 +20,7 @@ logger = logging.getLogger(__name__)
 
 MEMORY_SCHEME = "memory"
 SUPPORTED_SCHEMES = ("redis", "rediss", "unix", MEMORY_SCHEME)
+CLUSTER_SCHEMES = ("redis", "rediss")
 
 # One quick retry after a connection error (a pooled connection that Valkey
 # closed, for example), then the error surfaces. A timeout is not retried: the
@@ -29,6 +32,27 @@ _RETRY_ATTEMPTS = 1
 # MaxConnectionsError there instead, which Generate would take for an
 # unreachable Valkey and answer without a limit.
 MAX_CONNECTIONS = 100
+
+
+class ClusterClient(RedisCluster):
+    """A RedisCluster client that retries a command once after a connection
+    error or a CLUSTERDOWN reply, but never after a timeout.
+
+    Before each retry it refreshes its map of slots to primaries, which is how
+    a command finds the replica promoted after its primary failed. RedisCluster
+    itself also retries timeouts, and a timed-out Generate script may have run,
+    so running it again would count the request twice.
+    """
+
+    # NOTE: redis-py 8.2 reads this class attribute through the client's own
+    # class to decide whether to retry a command. Its pipelines read the one of
+    # RedisCluster, so a stats transaction is still retried after a timeout.
+    # The base class types the attribute as its own four-error tuple.
+    ERRORS_ALLOW_RETRY = (  # type: ignore[assignment]
+        RedisConnectionError,
+        ClusterDownError,
+        SlotNotCoveredError,
+    )
 
 
 def redact(url: str) -> str:
@@ -45,37 +69,56 @@ def connect(
     timeout: float,
     read_timeout: float | None = None,
     max_connections: int = MAX_CONNECTIONS,
+    cluster: bool = False,
 ) -> Any:
     """Return an asyncio client for url; no connection is made until first use.
 
     timeout bounds connecting, waiting for a free connection of the pool and
     each reply; read_timeout, when given, replaces it for replies (for
-    blocking reads).
+    blocking reads). cluster=True treats url as one node of a Valkey Cluster
+    and returns a ClusterClient.
     """
     scheme = urllib.parse.urlsplit(url).scheme
-    if scheme not in SUPPORTED_SCHEMES:
+    allowed = CLUSTER_SCHEMES if cluster else SUPPORTED_SCHEMES
+    if scheme not in allowed:
+        kind = "Valkey Cluster URL" if cluster else "Valkey URL"
         raise ConfigurationError(
-            f"unsupported Valkey URL {redact(url)!r}: the scheme must be one of "
-            f"{', '.join(s + '://' for s in SUPPORTED_SCHEMES)}"
+            f"unsupported {kind} {redact(url)!r}: the scheme must be one of "
+            f"{', '.join(s + '://' for s in allowed)}"
         )
     if scheme == MEMORY_SCHEME:
         return memory_backend(url)
 
-    pool = redis_asyncio.BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=timeout,
-        decode_responses=True,
-        socket_connect_timeout=timeout,
-        socket_timeout=read_timeout if read_timeout is not None else timeout,
-        retry=Retry(
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "socket_connect_timeout": timeout,
+        "socket_timeout": read_timeout if read_timeout is not None else timeout,
+        "retry": Retry(
             ExponentialBackoff(cap=0.05, base=0.01),
             _RETRY_ATTEMPTS,
             supported_errors=(RedisConnectionError,),
         ),
-        health_check_interval=30,
+        "health_check_interval": 30,
+    }
+    if cluster:
+        # Without full coverage the client keeps serving the other slots while
+        # one has no primary, between a primary's failure and its replica's promotion.
+        # NOTE: RedisCluster keeps its own connections per node and raises
+        # MaxConnectionsError at its cap instead of waiting, which Generate would
+        # take for an outage, so max_connections is left at redis-py's (unbounded).
+        return ClusterClient.from_url(url, require_full_coverage=False, **options)
+    pool = redis_asyncio.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=timeout, **options
     )
     return redis_asyncio.Redis.from_pool(pool)
+
+
+async def ping(redis: Any) -> None:
+    """Send PING to Valkey, or to every primary of a cluster; raise on failure."""
+    if isinstance(redis, RedisCluster):
+        await redis.ping(target_nodes=RedisCluster.PRIMARIES)
+    else:
+        await redis.ping()
 
 
 _memory_servers: dict[str, Any] = {}

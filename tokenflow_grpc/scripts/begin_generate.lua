@@ -1,6 +1,7 @@
--- begin_generate: the hot path of one Generate call in one round trip:
--- sliding-window rate limit, request counters, then the cache lookup and
--- single-flight lock (claim). A rejected request is never added to the window.
+-- begin_generate: the hot path of one Generate call in one round trip, for
+-- the one-shard key layout where every key shares one slot: sliding-window
+-- rate limit, request counters, the cache lookup and single-flight lock
+-- (claim), and the activity event. A rejected request is never added to the window.
 --
 -- KEYS[1] window     sorted set, one member per admitted request, score = time in ms
 -- KEYS[2] cache      string, the cached response text
@@ -30,40 +31,19 @@
 --   retry_after_ms: ms until a request would be admitted, 0 when admitted
 
 local now = tonumber(ARGV[1])
-local limit = tonumber(ARGV[2])
-local window = tonumber(ARGV[3])
 local second = math.floor(now / 1000)
 local stats_ttl = ARGV[11]
 local client, prompt, model, cap = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 
-redis.call('HINCRBY', KEYS[4], 'requests', 1)
-redis.call('HINCRBY', KEYS[5], second, 1)
-redis.call('EXPIRE', KEYS[5], stats_ttl)
-redis.call('ZINCRBY', KEYS[7], 1, client)
-redis.call('EXPIRE', KEYS[7], stats_ttl)
+count_request(KEYS[4], KEYS[5], KEYS[7], second, client, stats_ttl)
+local decision = admit(KEYS[1], KEYS[4], KEYS[6], now, tonumber(ARGV[2]), tonumber(ARGV[3]),
+  ARGV[4], second, stats_ttl)
+local remaining, reset, retry_after = decision[2], decision[3], decision[4]
 
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-local count = redis.call('ZCARD', KEYS[1])
-
-if count >= limit then
-  -- The window admits again once its (count - limit + 1)-th oldest entry
-  -- expires; count can exceed limit after the limit was lowered.
-  local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-  local freeing = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
-  local reset = tonumber(oldest[2]) + window
-  local retry_after = math.max(tonumber(freeing[2]) + window - now, 1)
-  redis.call('HINCRBY', KEYS[4], 'blocked', 1)
-  redis.call('HINCRBY', KEYS[6], second, 1)
-  redis.call('EXPIRE', KEYS[6], stats_ttl)
+if decision[1] == 0 then
   local id = record_event(KEYS[8], cap, 'rate_limited', client, prompt, model, '0', '1')
   return {0, 0, reset, retry_after, false, id}
 end
-
-redis.call('ZADD', KEYS[1], now, ARGV[4])
-redis.call('PEXPIRE', KEYS[1], window)
-local remaining = limit - count - 1
-local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-local reset = tonumber(oldest[2]) + window
 
 if ARGV[10] == '0' then
   redis.call('HINCRBY', KEYS[4], 'misses', 1)

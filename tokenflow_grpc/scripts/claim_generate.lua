@@ -1,11 +1,14 @@
--- claim_generate: one polling step of a request that waits for an identical
--- request to fill the cache: read the entry, or take over the lock when the
--- request that held it finished without filling the cache.
+-- claim_generate: read the cache entry, or take the single-flight lock when
+-- it is missing and free. On a cluster it is the cache round of a Generate
+-- call whose entry is in another shard than its client. It is also each
+-- polling step of a request that waits for an identical request to fill the
+-- cache, and it takes the lock over when that request finished without
+-- filling the cache.
 --
 -- KEYS[1] cache      string, the cached response text
 -- KEYS[2] lock       string, token of the request generating KEYS[1]
--- KEYS[3] counters   hash: requests, hits, misses, blocked
--- KEYS[4] activity   stream
+-- KEYS[3] counters   hash: requests, hits, misses, blocked of the entry's shard
+-- KEYS[4] activity   stream; optional: without it no event is recorded
 -- ARGV[1] lock token of this request
 -- ARGV[2] lock TTL, ms
 -- ARGV[3] activity stream cap (approximate)
@@ -13,6 +16,10 @@
 -- ARGV[5] prompt excerpt for the activity event
 -- ARGV[6] model
 --
--- Returns {outcome, cached text or false, event id or false}, outcome as in claim().
+-- Returns {outcome, cached text or false, event id or false}, outcome as in claim_entry().
 
+if not KEYS[4] then
+  local claimed = claim_entry(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
+  return {claimed[1], claimed[2], false}
+end
 return claim(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])

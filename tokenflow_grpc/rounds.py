@@ -1,0 +1,294 @@
+"""The Valkey rounds of Generate's hot path: the rate-limit decision, the cache
+claim and the activity event, in as few round trips as the key layout allows.
+
+In the one-shard layout of a single Valkey every key shares one slot, so one
+script does all three and a cache hit costs one round trip (SingleSlotRounds).
+In the sharded layout of a Valkey Cluster each slot touched gets one round,
+one after another because each needs the outcome of the one before
+(ShardedRounds). The limiter runs in the client's shard and the cache claim in
+the cache entry's shard, inside the limiter's round when both are the same
+shard. The event goes to the activity stream's slot, which no shard shares.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from redis.exceptions import RedisError
+
+from tokenflow_grpc.activity import (
+    PROMPT_EXCERPT_CHARS,
+    TYPE_CACHE_HIT,
+    TYPE_CACHE_MISS,
+    TYPE_RATE_LIMITED,
+    TYPE_REQUEST,
+    entry_fields,
+)
+from tokenflow_grpc.generator import GenerationRequest
+from tokenflow_grpc.keys import KeySpace
+from tokenflow_grpc.logs import RepeatLimiter
+from tokenflow_grpc.lua import Scripts
+from tokenflow_grpc.settings import Settings
+from tokenflow_grpc.stats import BUCKET_TTL_SECONDS, minute_of
+
+logger = logging.getLogger(__name__)
+
+# Outcomes returned by the Generate scripts (scripts/*.lua).
+OUTCOME_REJECTED = 0
+OUTCOME_HIT = 1
+OUTCOME_MISS = 2
+OUTCOME_WAIT = 3
+OUTCOME_SKIPPED = 4
+# Only from limit_generate.lua: admitted, and the cache entry is in another shard.
+OUTCOME_ADMITTED = 5
+
+# The activity event of each outcome that records one: type, cached, blocked.
+_EVENTS = {
+    OUTCOME_REJECTED: (TYPE_RATE_LIMITED, False, True),
+    OUTCOME_HIT: (TYPE_CACHE_HIT, True, False),
+    OUTCOME_MISS: (TYPE_CACHE_MISS, False, False),
+    OUTCOME_SKIPPED: (TYPE_REQUEST, False, False),
+}
+
+
+@dataclass(frozen=True)
+class Call:
+    """One Generate call, as its rounds need it.
+
+    token is the request id: the call's member in the window and its lock token.
+    """
+
+    request: GenerationRequest
+    client: str
+    namespace: str
+    cache_key: str
+    token: str
+    skip_cache: bool
+    now_ms: int
+
+    @property
+    def prompt_excerpt(self) -> str:
+        return self.request.prompt[:PROMPT_EXCERPT_CHARS]
+
+
+@dataclass(frozen=True)
+class Begun:
+    """The outcome of a call's rate limit and cache claim.
+
+    Times are milliseconds since the Unix epoch; retry_after_ms is 0 when admitted.
+    """
+
+    outcome: int
+    remaining: int
+    reset_at_ms: int
+    retry_after_ms: int
+    cached_text: str | None
+    event_id: str | None
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """The outcome of one cache claim: OUTCOME_HIT, OUTCOME_MISS or OUTCOME_WAIT."""
+
+    outcome: int
+    cached_text: str | None
+    event_id: str | None
+
+
+class Rounds(Protocol):
+    async def begin(self, call: Call) -> Begun:
+        """Rate limit the call, count it, claim its cache entry and record its event."""
+
+    async def claim(self, call: Call) -> Claimed:
+        """Read the cache entry, or take over the lock that its holder released."""
+
+
+def rounds_for(
+    redis: Any, keys: KeySpace, scripts: Scripts, settings: Settings, lock_ttl_ms: int
+) -> Rounds:
+    """Return the rounds that fit the key layout of keys."""
+    if keys.shard_count == 1:
+        return SingleSlotRounds(keys, scripts, settings, lock_ttl_ms)
+    return ShardedRounds(redis, keys, scripts, settings, lock_ttl_ms)
+
+
+class SingleSlotRounds:
+    """One script per step, because every key shares one slot."""
+
+    def __init__(self, keys: KeySpace, scripts: Scripts, settings: Settings, lock_ttl_ms: int):
+        self.keys = keys
+        self.scripts = scripts
+        self.settings = settings
+        self.lock_ttl_ms = lock_ttl_ms
+
+    async def begin(self, call: Call) -> Begun:
+        keys = self.keys
+        shard = keys.client_shard(call.client)
+        minute = minute_of(call.now_ms)
+        reply = await self.scripts.begin_generate(
+            keys=[
+                keys.window(call.namespace, call.client),
+                keys.cache(call.cache_key),
+                keys.lock(call.cache_key),
+                keys.counters(shard),
+                keys.requests_bucket(shard, minute),
+                keys.blocked_bucket(shard, minute),
+                keys.consumers(shard, minute),
+                keys.activity,
+            ],
+            args=[
+                call.now_ms,
+                self.settings.rate_limit,
+                self.settings.rate_window_ms,
+                call.token,
+                self.lock_ttl_ms,
+                call.client,
+                call.prompt_excerpt,
+                call.request.model,
+                self.settings.activity_max_events,
+                "0" if call.skip_cache else "1",
+                BUCKET_TTL_SECONDS,
+            ],
+        )
+        outcome, remaining, reset_at_ms, retry_after_ms, cached_text, event_id = reply
+        return Begun(
+            outcome=int(outcome),
+            remaining=int(remaining),
+            reset_at_ms=int(reset_at_ms),
+            retry_after_ms=int(retry_after_ms),
+            cached_text=cached_text,
+            event_id=event_id,
+        )
+
+    async def claim(self, call: Call) -> Claimed:
+        keys = self.keys
+        reply = await self.scripts.claim_generate(
+            keys=[
+                keys.cache(call.cache_key),
+                keys.lock(call.cache_key),
+                keys.counters(keys.cache_shard(call.cache_key)),
+                keys.activity,
+            ],
+            args=[
+                call.token,
+                self.lock_ttl_ms,
+                self.settings.activity_max_events,
+                call.client,
+                call.prompt_excerpt,
+                call.request.model,
+            ],
+        )
+        outcome, cached_text, event_id = reply
+        return Claimed(int(outcome), cached_text, event_id)
+
+
+class ShardedRounds:
+    """One round per slot touched, for the sharded layout of a Valkey Cluster.
+
+    An event that cannot be added (its slot has no primary) is logged and
+    lost, because the call was already decided and counted in other slots.
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        keys: KeySpace,
+        scripts: Scripts,
+        settings: Settings,
+        lock_ttl_ms: int,
+    ):
+        self.redis = redis
+        self.keys = keys
+        self.scripts = scripts
+        self.settings = settings
+        self.lock_ttl_ms = lock_ttl_ms
+        self._warnings = RepeatLimiter(logger)
+
+    async def begin(self, call: Call) -> Begun:
+        # NOTE: when the claim round fails after the limiter round admitted
+        # the call, the call stays in the window and in the requests counter
+        # but in no hit or miss count, and the caller treats the call as one
+        # that could not reach Valkey.
+        outcome, remaining, reset_at_ms, retry_after_ms, cached_text = await self._limit(call)
+        if outcome == OUTCOME_ADMITTED:
+            claimed = await self.claim(call)
+            return Begun(
+                claimed.outcome, remaining, reset_at_ms, 0, claimed.cached_text, claimed.event_id
+            )
+
+        event_id = await self._record_event(call, outcome)
+        return Begun(outcome, remaining, reset_at_ms, retry_after_ms, cached_text, event_id)
+
+    async def claim(self, call: Call) -> Claimed:
+        keys = self.keys
+        reply = await self.scripts.claim_generate(
+            keys=[
+                keys.cache(call.cache_key),
+                keys.lock(call.cache_key),
+                keys.counters(keys.cache_shard(call.cache_key)),
+            ],
+            args=[call.token, self.lock_ttl_ms],
+        )
+        outcome, cached_text, _no_event = reply
+        event_id = await self._record_event(call, int(outcome))
+        return Claimed(int(outcome), cached_text, event_id)
+
+    async def _limit(self, call: Call) -> tuple[int, int, int, int, str | None]:
+        """Run limit_generate in the client's shard, with the cache claim when
+        the cache entry is in the same shard."""
+        keys = self.keys
+        shard = keys.client_shard(call.client)
+        minute = minute_of(call.now_ms)
+        script_keys = [
+            keys.window(call.namespace, call.client),
+            keys.counters(shard),
+            keys.requests_bucket(shard, minute),
+            keys.blocked_bucket(shard, minute),
+            keys.consumers(shard, minute),
+        ]
+        if not call.skip_cache and keys.cache_shard(call.cache_key) == shard:
+            script_keys += [keys.cache(call.cache_key), keys.lock(call.cache_key)]
+        reply = await self.scripts.limit_generate(
+            keys=script_keys,
+            args=[
+                call.now_ms,
+                self.settings.rate_limit,
+                self.settings.rate_window_ms,
+                call.token,
+                self.lock_ttl_ms,
+                call.client,
+                "0" if call.skip_cache else "1",
+                BUCKET_TTL_SECONDS,
+            ],
+        )
+        outcome, remaining, reset_at_ms, retry_after_ms, cached_text = reply
+        return int(outcome), int(remaining), int(reset_at_ms), int(retry_after_ms), cached_text
+
+    async def _record_event(self, call: Call, outcome: int) -> str | None:
+        """Add the event of outcome to the activity stream and return its id.
+
+        Returns None for an outcome without an event (a wait), and when the
+        stream cannot be reached.
+        """
+        event = _EVENTS.get(outcome)
+        if event is None:
+            return None
+        kind, cached, blocked = event
+        fields = entry_fields(
+            kind, call.client, call.prompt_excerpt, call.request.model, cached, blocked
+        )
+        try:
+            event_id: str = await self.redis.xadd(
+                self.keys.activity,
+                fields,
+                maxlen=self.settings.activity_max_events,
+                approximate=True,
+            )
+        except (RedisError, OSError) as error:
+            self._warnings.warning(
+                "event", "could not add a %s event to the activity stream: %s", kind, error
+            )
+            return None
+        return event_id
