@@ -23,6 +23,7 @@ from typing import Any
 import grpc
 import pytest
 
+from tests.cluster import LocalCluster
 from tests.conftest import make_settings
 from tests.helpers import ActivityWatch, wait_until
 from tests.test_server import TOKENFLOW, child_pids, port_accepts, process_exists, wait_until_gone
@@ -236,14 +237,22 @@ def test_reserve_fails_on_listening_port() -> None:
             reserve_port(f"127.0.0.1:{port}").close()
 
 
-async def test_limit_exact_across_workers(start_pool: Any, valkey_url: str) -> None:
+@pytest.fixture(params=["valkey", "cluster"])
+def shared_valkey(request: pytest.FixtureRequest, valkey_url: str) -> list[str]:
+    """The options of `serve` for the session's Valkey or its Valkey Cluster."""
+    if request.param == "valkey":
+        return ["--valkey-url", valkey_url]
+    cluster: LocalCluster = request.getfixturevalue("valkey_cluster")
+    return ["--valkey-url", cluster.url, "--valkey-cluster"]
+
+
+async def test_limit_exact_across_workers(start_pool: Any, shared_valkey: list[str]) -> None:
     limit, calls, connections = 50, 400, 100
     pool: Pool = await asyncio.to_thread(
         start_pool,
         "--workers",
         "4",
-        "--valkey-url",
-        valkey_url,
+        *shared_valkey,
         "--key-prefix",
         f"test-{uuid.uuid4().hex[:12]}",
         "--rate-limit",
