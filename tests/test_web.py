@@ -170,15 +170,18 @@ async def test_feed_shows_a_generate_made_during_the_test(
     assert console.errors == []
 
 
+@pytest.mark.parametrize("shown_before", [["before the restart"], []], ids=["resume", "empty"])
 async def test_feed_resumes_after_a_gateway_restart(
-    browser: Browser, running_valkey: Running, start_gateway_for: Any
+    browser: Browser, running_valkey: Running, start_gateway_for: Any, shown_before: list[str]
 ) -> None:
+    """Events made while the gateway is away appear once it is back, also when
+    the feed had shown nothing yet (it then resumes from when the page started)."""
     gateway = await start_gateway_for(running_valkey.address)
     page, console = await open_page(browser, gateway)
     await expect(page.locator("#feed-state")).to_have_text("live", timeout=WAIT_MS)
-    await running_valkey.client.generate("before the restart")
-    first = page.locator("#feed li", has_text="before the restart")
-    await expect(first).to_have_count(1, timeout=WAIT_MS)
+    for prompt in shown_before:
+        await running_valkey.client.generate(prompt)
+        await expect(page.locator("#feed li", has_text=prompt)).to_have_count(1, timeout=WAIT_MS)
 
     await gateway.server.stop()
     await expect(page.locator("#feed-state")).not_to_have_text("live", timeout=WAIT_MS)
@@ -187,12 +190,12 @@ async def test_feed_resumes_after_a_gateway_restart(
         await running_valkey.client.generate(prompt)
     await start_gateway_for(running_valkey.address, f"127.0.0.1:{gateway.server.port}")
 
-    for prompt in [*missed, "before the restart"]:
+    for prompt in [*missed, *shown_before]:
         await expect(page.locator("#feed li", has_text=prompt)).to_have_count(1, timeout=WAIT_MS)
     await expect(page.locator("#feed-state")).to_have_text("live", timeout=WAIT_MS)
     await expect(page.locator("#connection")).to_have_text("Connected", timeout=WAIT_MS)
     ids = await page.locator("#feed li").evaluate_all("items => items.map(i => i.dataset.eventId)")
-    assert len(ids) == len(set(ids)) == 4
+    assert len(ids) == len(set(ids)) == len(missed) + len(shown_before)
     # The browser reports the requests that failed while the gateway was away.
     assert all("net::ERR_" in error for error in console.errors), console.errors
 
@@ -298,6 +301,10 @@ async def test_banner_when_valkey_is_down(
         await expect(page.locator("#consumers-list li")).to_have_count(0)
         charted = await page.evaluate("Chart.getChart('chart-consumers').data.datasets[0].data")
         assert charted == []
+
+        await page.get_by_role("button", name="Send to /v1/generate").click()
+        await expect(page.locator("#try-cached")).to_have_text("generated", timeout=WAIT_MS)
+        await expect(page.locator("#try-headers")).to_contain_text("limit was not applied")
         await screenshot(page, "valkey-down")
     finally:
         if own.is_running():
@@ -351,10 +358,17 @@ async def test_page_headers_and_files(gateway: RunningGateway) -> None:
     async with gateway.session.get(gateway.url + "/static/app.js") as reply:
         assert reply.status == 200
         assert "javascript" in reply.headers["Content-Type"]
-    async with gateway.session.get(gateway.url + "/static/../web.py") as reply:
-        assert reply.status == 404
-    async with gateway.session.get(gateway.url + "/static/") as reply:
-        assert reply.status in (403, 404)
+    for path in ("/static/../web.py", "/static/", "/static/missing.js", "/static/..%5cweb.py"):
+        async with gateway.session.get(gateway.url + path) as reply:
+            assert reply.status == 404, path
+            assert (await reply.json())["code"] == grpc.StatusCode.NOT_FOUND.value[0], path
+    for method, path in (("POST", "/"), ("PUT", "/static/app.js"), ("DELETE", "/")):
+        async with gateway.session.request(method, gateway.url + path) as reply:
+            assert reply.status == 405, (method, path)
+            assert reply.headers["Allow"] == "GET, HEAD"
+            assert (await reply.json())["code"] == grpc.StatusCode.UNIMPLEMENTED.value[0]
+    async with gateway.session.head(gateway.url + "/") as reply:
+        assert reply.status == 200
     # API responses keep their own headers.
     async with gateway.session.get(gateway.url + "/v1/stats") as reply:
         assert reply.status == 200

@@ -466,6 +466,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(command[arguments.command](arguments))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader of stdout went away (`| head`): stop quietly, as Unix tools do,
+        # and point stdout at /dev/null so that the flush at exit cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from tokenflow_grpc.gateway.transcode import (
     status_json,
     to_json,
 )
-from tokenflow_grpc.gateway.web import add_web_routes
+from tokenflow_grpc.gateway.web import WebDashboard
 from tokenflow_grpc.settings import Network
 
 logger = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class Gateway:
     ) -> None:
         """web_dashboard: serve the dashboard page at `/` and its files under /static/."""
         self.channel = channel
-        self.web_dashboard = web_dashboard
+        self.web_dashboard = WebDashboard() if web_dashboard else None
         self.routes = routes_for(services)
         self.trusted_proxies = trusted_proxies
         self.max_body_bytes = max_body_bytes
@@ -125,8 +125,8 @@ class Gateway:
         app = web.Application(client_max_size=self.max_body_bytes, middlewares=[status_errors])
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/openapi.json", self.openapi_document)
-        if self.web_dashboard:
-            add_web_routes(app)
+        if self.web_dashboard is not None:
+            self.web_dashboard.add_routes(app)
         app.router.add_route("*", "/{tail:.*}", self.dispatch)
         return app
 

@@ -1,18 +1,23 @@
 """The web dashboard: a static page at `/` that reads only the public HTTP API.
 
 The page, its script and style, and the vendored Chart.js ship inside the
-package, so serving it needs no build step and no network. Every response
-carries a Content-Security-Policy that allows this origin only.
+package, so serving it needs no build step and no network. Only the files
+found in the static folder at start are served, by name, so no request path
+can reach another file. Errors have a google.rpc.Status body like the API's.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import grpc
 from aiohttp import web
+
+from tokenflow_grpc.gateway.transcode import status_json
 
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_PREFIX = "/static/"
+READ_METHODS = ("GET", "HEAD")
 
 # The page loads scripts, styles and data from this origin only; Chart.js
 # sizes its canvases through the style property, which CSP allows.
@@ -30,17 +35,42 @@ SECURITY_HEADERS = {
 }
 
 
-def add_web_routes(app: web.Application) -> None:
-    """Serve the dashboard page at `/` and its files under /static/."""
-    app.router.add_get("/", index)
-    app.router.add_static(STATIC_PREFIX, STATIC_DIR, show_index=False, follow_symlinks=False)
-    app.on_response_prepare.append(_add_security_headers)
+class WebDashboard:
+    """Serves index.html at `/` and the other static files under /static/."""
 
+    def __init__(self, directory: Path = STATIC_DIR) -> None:
+        self.index = directory / "index.html"
+        self.files = {
+            path.relative_to(directory).as_posix(): path
+            for path in sorted(directory.rglob("*"))
+            if path.is_file()
+        }
 
-async def index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC_DIR / "index.html")
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_route("*", "/", self.page)
+        app.router.add_route("*", STATIC_PREFIX + "{name:.*}", self.static_file)
 
+    async def page(self, request: web.Request) -> web.StreamResponse:
+        return self._serve(request, self.index)
 
-async def _add_security_headers(request: web.Request, response: web.StreamResponse) -> None:
-    if request.path == "/" or request.path.startswith(STATIC_PREFIX):
-        response.headers.update(SECURITY_HEADERS)
+    async def static_file(self, request: web.Request) -> web.StreamResponse:
+        path = self.files.get(request.match_info["name"])
+        if path is None:
+            return web.json_response(
+                status_json(grpc.StatusCode.NOT_FOUND, f"no static file {request.path}"),
+                status=404,
+            )
+        return self._serve(request, path)
+
+    def _serve(self, request: web.Request, path: Path) -> web.StreamResponse:
+        if request.method not in READ_METHODS:
+            return web.json_response(
+                status_json(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    f"method {request.method} is not allowed on {request.path}; "
+                    f"allowed: {', '.join(READ_METHODS)}",
+                ),
+                status=405,
+                headers={"Allow": ", ".join(READ_METHODS)},
+            )
+        return web.FileResponse(path, headers=SECURITY_HEADERS)

@@ -7,8 +7,13 @@ const POLL_MS = 2000;
 const REQUEST_TIMEOUT_MS = 5000;
 const TREND_POINTS = 90; // three minutes at one point per poll
 const FEED_ITEMS = 100;
+const UNREACHABLE_STATUSES = [502, 503, 504];
 const RECONNECT_MIN_MS = 1000;
-const RECONNECT_MAX_MS = 15000;
+const RECONNECT_MAX_MS = 5000;
+// With no event to resume from, the feed asks for events from this long before
+// the page started by the server's clock, so a small clock difference between
+// the server and Valkey loses none; the feed skips events it already shows.
+const START_MARGIN_MS = 5000;
 
 const EVENT_TYPES = {
   ACTIVITY_TYPE_REQUEST: { label: "request", css: "type-request" },
@@ -44,7 +49,7 @@ function formatClock(isoTime) {
   return Number.isNaN(date.getTime()) ? "" : date.toLocaleTimeString("en-GB", { hour12: false });
 }
 
-// The gateway answers errors with a google.rpc.Status in JSON.
+// Gateway error responses carry a google.rpc.Status in JSON.
 async function statusMessage(response) {
   try {
     const status = await response.json();
@@ -87,7 +92,7 @@ function makeCharts() {
       interaction: { mode: "index", intersect: false },
       scales: {
         ratio: { position: "left", min: 0, max: 100, title: { display: true, text: "%" } },
-        rpm: { position: "right", beginAtZero: true, grid: { drawOnChartArea: false }, title: { display: true, text: "req/min" } },
+        rpm: { position: "right", beginAtZero: true, ticks: { precision: 0 }, grid: { drawOnChartArea: false }, title: { display: true, text: "req/min" } },
         x: { ticks: { maxTicksLimit: 6 } },
       },
     },
@@ -186,13 +191,15 @@ function blankFigures(charts) {
   }
 }
 
-function setConnection(state, text, bannerText) {
+// detail, when given, is the error as received; it shows as the banner's tooltip.
+function setConnection(state, text, bannerText, detail) {
   const pill = $("connection");
   pill.textContent = text;
   pill.className = `pill pill-${state}`;
   const banner = $("banner");
   banner.hidden = !bannerText;
   banner.textContent = bannerText || "";
+  banner.title = detail || "";
 }
 
 class StatsPoller {
@@ -227,7 +234,12 @@ class StatsPoller {
       const response = await fetchWithTimeout("/v1/stats");
       if (!response.ok) {
         blankFigures(this.charts);
-        setConnection("down", "Server unreachable", `The gateway could not reach the TokenFlow server: ${await statusMessage(response)}. Figures return when it is back.`);
+        const detail = await statusMessage(response);
+        if (UNREACHABLE_STATUSES.includes(response.status)) {
+          setConnection("down", "Server unreachable", `The gateway cannot reach the TokenFlow server (HTTP ${response.status}). Figures return when it is back.`, detail);
+        } else {
+          setConnection("down", "No figures", `The server could not read its figures: ${detail}`);
+        }
       } else {
         stats = await response.json();
       }
@@ -275,8 +287,13 @@ class ActivityFeed {
 
   // Fill the feed from GetStats' latest events (newest first), then follow the
   // stream from the newest of them so that no event falls in between.
-  start(recent) {
+  start(recent, serverTime) {
     for (const event of (recent || []).slice().reverse()) this.add(event);
+    if (!this.lastId) {
+      // Stream ids are "<milliseconds>-<sequence>", so a time is a valid place to start.
+      const started = Date.parse(serverTime || "") || Date.now();
+      this.lastId = `${started - START_MARGIN_MS}-0`;
+    }
     this.connect();
   }
 
@@ -322,7 +339,7 @@ class ActivityFeed {
       this.missed += dropped;
       const note = $("feed-dropped");
       note.hidden = false;
-      note.textContent = `${formatCount(this.missed)} events were missed because this page fell behind.`;
+      note.textContent = `${formatCount(this.missed)} events were skipped: they came faster than the server could send them to this page.`;
     }
     if (reply.event) this.add(reply.event);
   }
@@ -406,6 +423,13 @@ function setupTryIt() {
 function showRateLimitHeaders(headers) {
   const list = $("try-headers");
   list.replaceChildren();
+  if (headers.get("X-RateLimit-Limit") === null) {
+    const note = document.createElement("p");
+    note.className = "hint";
+    note.textContent = "No rate-limit headers: the limit was not applied to this request (the server could not reach Valkey and lets requests through).";
+    list.append(note);
+    return;
+  }
   for (const name of RATE_LIMIT_HEADERS) {
     const value = headers.get(name);
     if (value === null) continue;
@@ -453,7 +477,9 @@ function setupLoadTest(poller) {
 
 function main() {
   const feed = new ActivityFeed();
-  const poller = new StatsPoller(makeCharts(), (stats) => feed.start(stats && stats.connected ? stats.activity : []));
+  const poller = new StatsPoller(makeCharts(), (stats) =>
+    feed.start(stats && stats.connected ? stats.activity : [], stats ? stats.timestamp : ""),
+  );
   setupTryIt();
   setupLoadTest(poller);
   poller.start();
