@@ -107,15 +107,21 @@ class TokenFlow:
         client: str,
         namespace: str = NAMESPACE_CLIENT,
         skip_cache: bool = False,
+        limit: int | None = None,
     ) -> GenerateResult:
         """Rate limit the call, then return the response from the cache or the generator.
+
+        limit replaces settings.rate_limit for this client (an API key's own limit).
 
         Raises RateLimitedError when the client is over its limit,
         BackendUnavailableError when Valkey cannot be reached and the policy
         is deny, and GeneratorError when the generator fails.
         """
         key = cache_key(request)
-        call = Call(request, client, namespace, key, uuid.uuid4().hex, skip_cache, self.now_ms())
+        limit = limit or self.settings.rate_limit
+        call = Call(
+            request, client, namespace, key, uuid.uuid4().hex, skip_cache, self.now_ms(), limit
+        )
         try:
             begun = await self.rounds.begin(call)
         except (RedisError, OSError) as error:
@@ -123,7 +129,7 @@ class TokenFlow:
 
         decision = Decision(
             allowed=begun.outcome != OUTCOME_REJECTED,
-            limit=self.settings.rate_limit,
+            limit=limit,
             remaining=begun.remaining,
             window_ms=self.settings.rate_window_ms,
             reset_at_ms=begun.reset_at_ms,

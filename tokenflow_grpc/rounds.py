@@ -58,6 +58,7 @@ class Call:
     """One Generate call, as its rounds need it.
 
     token is the request id: the call's member in the window and its lock token.
+    limit is the requests admitted per window for this call's client.
     """
 
     request: GenerationRequest
@@ -67,6 +68,7 @@ class Call:
     token: str
     skip_cache: bool
     now_ms: int
+    limit: int
 
     @property
     def prompt_excerpt(self) -> str:
@@ -140,7 +142,7 @@ class SingleSlotRounds:
             ],
             args=[
                 call.now_ms,
-                self.settings.rate_limit,
+                call.limit,
                 self.settings.rate_window_ms,
                 call.token,
                 self.lock_ttl_ms,
@@ -254,7 +256,7 @@ class ShardedRounds:
             keys=script_keys,
             args=[
                 call.now_ms,
-                self.settings.rate_limit,
+                call.limit,
                 self.settings.rate_window_ms,
                 call.token,
                 self.lock_ttl_ms,
