@@ -22,6 +22,13 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from google.protobuf import json_format
 
+from tokenflow_grpc.apikeys_command import add_keys_parser, run_keys
+from tokenflow_grpc.cli_security import (
+    add_client_security_arguments,
+    client_options,
+    gateway_tls_arguments,
+    gateway_tls_options,
+)
 from tokenflow_grpc.client import DEFAULT_TARGET, DEFAULT_TIMEOUT, AsyncTokenFlowClient
 from tokenflow_grpc.dashboard.model import (
     DEFAULT_INTERVAL_SECONDS,
@@ -91,6 +98,7 @@ def gateway_arguments(settings: Settings, target: str) -> list[str]:
         arguments.append("--http-access-log")
     if settings.no_web_dashboard:
         arguments.append("--no-web-dashboard")
+    arguments += gateway_tls_arguments(settings)
     return arguments
 
 
@@ -209,9 +217,13 @@ async def _start_gateway(settings: Settings, target: str) -> GatewayProcess | No
             "pass another --http-address or --no-gateway"
         ) from error
     http_host = settings.http_address.rsplit(":", 1)[0]
-    print(f"TokenFlow gateway is serving HTTP on http://{http_host}:{gateway_port}", flush=True)
+    scheme = "https" if settings.http_tls_cert else "http"
+    print(
+        f"TokenFlow gateway is serving {scheme.upper()} on {scheme}://{http_host}:{gateway_port}",
+        flush=True,
+    )
     if not settings.no_web_dashboard:
-        print(f"Web dashboard: http://{http_host}:{gateway_port}/", flush=True)
+        print(f"Web dashboard: {scheme}://{http_host}:{gateway_port}/", flush=True)
     return gateway
 
 
@@ -227,10 +239,12 @@ async def run_gateway(settings: GatewaySettings) -> None:
         settings.http_max_body_bytes,
         settings.http_access_log,
         web_dashboard=not settings.no_web_dashboard,
+        **gateway_tls_options(settings),
     )
     http_host = settings.http_address.rsplit(":", 1)[0]
+    scheme = "https" if settings.http_tls_cert else "http"
     print(
-        f"TokenFlow gateway is serving HTTP on http://{http_host}:{gateway.port} "
+        f"TokenFlow gateway is serving {scheme.upper()} on {scheme}://{http_host}:{gateway.port} "
         f"for {settings.target}",
         flush=True,
     )
@@ -292,7 +306,11 @@ async def watch(arguments: argparse.Namespace) -> int:
 def dashboard(arguments: argparse.Namespace) -> int:
     """Run the live dashboard, or print one snapshot when stdout is not a terminal."""
     options = DashboardOptions(
-        arguments.target, arguments.timeout, arguments.interval, arguments.simulate_count
+        arguments.target,
+        arguments.timeout,
+        arguments.interval,
+        arguments.simulate_count,
+        client_options(arguments),
     )
     if not sys.stdout.isatty():
         from tokenflow_grpc.dashboard.snapshot import print_snapshot
@@ -326,7 +344,9 @@ def _positive_count(text: str) -> int:
 
 
 def _client(arguments: argparse.Namespace) -> AsyncTokenFlowClient:
-    return AsyncTokenFlowClient(arguments.target, timeout=arguments.timeout)
+    return AsyncTokenFlowClient(
+        arguments.target, timeout=arguments.timeout, **client_options(arguments)
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -359,6 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
             default=DEFAULT_TIMEOUT,
             help=f"Deadline of each call, in seconds (default {DEFAULT_TIMEOUT:g}).",
         )
+        add_client_security_arguments(command)
         return command
 
     generate_parser = client_command("generate", "Send one prompt and print the response as JSON.")
@@ -408,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_SIMULATE_COUNT,
         help=f"Requests in the burst that the s key sends (default {DEFAULT_SIMULATE_COUNT}).",
     )
+    add_keys_parser(commands)
     return parser
 
 
@@ -457,6 +479,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if arguments.command == "gateway":
         return _run_service(arguments, GatewaySettings, run_gateway, _fast_loop_factory())
 
+    if arguments.command == "keys":
+        return run_keys(arguments)
+    try:
+        return _run_client(arguments)
+    except ConfigurationError as error:
+        print(f"tokenflow {arguments.command}: {error}", file=sys.stderr)
+        return 2
+
+
+def _run_client(arguments: argparse.Namespace) -> int:
     if arguments.command == "dashboard":
         return dashboard(arguments)
 

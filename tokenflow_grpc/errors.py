@@ -56,3 +56,11 @@ class BackendUnavailableError(TokenFlowError):
 
 class GeneratorError(TokenFlowError):
     """The generator failed or timed out."""
+
+
+class UnauthenticatedError(TokenFlowError):
+    """The call has no API key, or one that no configured key matches."""
+
+
+class PermissionDeniedError(TokenFlowError):
+    """The call's API key lacks the role that the method needs."""

@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from tokenflow_grpc import validation
 from tokenflow_grpc.activity import ActivityEvent, ActivityHub
+from tokenflow_grpc.auth import current_key, interceptors_for, redact_prompts
 from tokenflow_grpc.core import Clock, GenerateResult, TokenFlow
 from tokenflow_grpc.errors import TokenFlowError
 from tokenflow_grpc.generator import Generator, SimulatedGenerator
@@ -24,6 +25,7 @@ from tokenflow_grpc.settings import Settings
 from tokenflow_grpc.simulate import OUTCOME_BLOCKED, OUTCOME_SUCCESS, run_simulation
 from tokenflow_grpc.stats import StatsSnapshot
 from tokenflow_grpc.status import to_status
+from tokenflow_grpc.tls import server_credentials
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
 from tokenflow_grpc.valkey import connect, is_memory, redact
@@ -135,6 +137,11 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
         )
 
     def client_of(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
+        """Return the call's API key identity, or else its address (x-forwarded-for
+        from a trusted proxy included)."""
+        key = current_key()
+        if key is not None:
+            return key.client
         forwarded = [
             value
             for key, value in context.invocation_metadata() or ()
@@ -147,8 +154,12 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
     ) -> pb.GenerateResponse:
         try:
             generation = validation.generation_request(request, self.settings)
+            key = current_key()
             result = await self.core.generate(
-                generation, self.client_of(context), skip_cache=request.skip_cache
+                generation,
+                self.client_of(context),
+                skip_cache=request.skip_cache,
+                limit=key.limit if key is not None else None,
             )
         except TokenFlowError as error:
             await abort(context, error, self.worker_metadata)
@@ -180,7 +191,9 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
         snapshot = await self.core.stats(limit)
         if snapshot is None:
             return pb.GetStatsResponse(connected=False, timestamp=_timestamp(self.core.now_ms()))
-        return stats_message(snapshot, self.settings)
+        response = stats_message(snapshot, self.settings)
+        redact_prompts(response.activity)
+        return response
 
     async def Simulate(
         self, request: pb.SimulateRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -222,7 +235,9 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
         async with self.core.hub.subscription(types) as subscription:
             await context.send_initial_metadata(WATCH_READY_METADATA)
             async for event, dropped in self.core.hub.watch(subscription, since_id):
-                yield pb.WatchActivityResponse(event=event_message(event), dropped=dropped)
+                message = event_message(event)
+                redact_prompts([message])
+                yield pb.WatchActivityResponse(event=message, dropped=dropped)
         # The hub ends a watch only when the server stops.
         await context.abort(
             grpc.StatusCode.UNAVAILABLE,
@@ -323,7 +338,10 @@ class TokenFlowServer:
                 redis
                 if redis is not None
                 else connect(
-                    settings.valkey_url, settings.valkey_timeout, cluster=settings.valkey_cluster
+                    settings.valkey_url,
+                    settings.valkey_timeout,
+                    cluster=settings.valkey_cluster,
+                    ca_cert=settings.valkey_ca_cert,
                 )
             )
             generator = generator or SimulatedGenerator(settings.generator_latency)
@@ -332,7 +350,10 @@ class TokenFlowServer:
         # Without SO_REUSEPORT a second server on the same port fails to bind
         # instead of silently sharing the port with the first. The workers of
         # `serve --workers N` set it to share one port on purpose.
-        self.server = grpc.aio.server(options=[("grpc.so_reuseport", int(reuse_port))])
+        self.server = grpc.aio.server(
+            options=[("grpc.so_reuseport", int(reuse_port))],
+            interceptors=interceptors_for(settings, SERVICE_NAME),
+        )
         self.health = health.aio.HealthServicer()
         self.monitor = HealthMonitor(core, self.health, settings, on_valkey_down)
         self.port = 0
@@ -351,6 +372,7 @@ class TokenFlowServer:
             settings.valkey_timeout,
             read_timeout=block_ms / 1000 + settings.valkey_timeout,
             cluster=settings.valkey_cluster,
+            ca_cert=settings.valkey_ca_cert,
         )
         return ActivityHub(reader, stream, settings.watch_queue_size, block_ms=block_ms)
 
@@ -363,7 +385,7 @@ class TokenFlowServer:
         enable_reflection(self.server, [SERVICE_NAME, health.SERVICE_NAME])
 
         try:
-            self.port = self.server.add_insecure_port(self.settings.grpc_address)
+            self.port = self._add_port()
         except RuntimeError as error:
             raise OSError(
                 f"cannot listen on the gRPC address {self.settings.grpc_address}: the port is "
@@ -379,15 +401,26 @@ class TokenFlowServer:
         self.monitor.start()
         await self.server.start()
         logger.info(
-            "TokenFlow serving gRPC on %s (port %d), Valkey %s%s, limit %d per %g s",
+            "TokenFlow serving gRPC%s on %s (port %d), Valkey %s%s, limit %d per %g s%s",
+            " over TLS" if self.settings.tls_cert else "",
             self.settings.grpc_address,
             self.port,
             redact(self.settings.valkey_url) or "embedded",
             " (cluster)" if self.settings.valkey_cluster else "",
             self.settings.rate_limit,
             self.settings.rate_window,
+            ", API keys required" if self.settings.api_keys or self.settings.api_keys_file else "",
         )
         return self.port
+
+    def _add_port(self) -> int:
+        address = self.settings.grpc_address
+        if not self.settings.tls_cert:
+            port: int = self.server.add_insecure_port(address)
+            return port
+        credentials = server_credentials(self.settings.tls_cert, self.settings.tls_key)
+        port = self.server.add_secure_port(address, credentials)
+        return port
 
     async def stop(self, grace: float = 10.0) -> None:
         """Report NOT_SERVING, drain in-flight calls for up to grace seconds, then close."""

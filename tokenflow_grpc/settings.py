@@ -156,6 +156,44 @@ def _log_level() -> Any:
     )
 
 
+def _http_tls_cert() -> Any:
+    return _option(
+        "--http-tls-cert",
+        "TOKENFLOW_HTTP_TLS_CERT",
+        "PEM certificate chain of the gateway's HTTPS listener; set with --http-tls-key, "
+        "the gateway serves HTTPS instead of HTTP.",
+        "",
+    )
+
+
+def _http_tls_key() -> Any:
+    return _option(
+        "--http-tls-key",
+        "TOKENFLOW_HTTP_TLS_KEY",
+        "PEM private key of --http-tls-cert.",
+        "",
+    )
+
+
+def _target_server_name() -> Any:
+    return _option(
+        "--target-server-name",
+        "TOKENFLOW_TARGET_SERVER_NAME",
+        "Host name that the gateway checks in the gRPC server's TLS certificate, when it "
+        "differs from the target's host. Empty: the target's host.",
+        "",
+    )
+
+
+def _check_pairs(pairs: Sequence[tuple[str, str, str, str]]) -> None:
+    """Raise ConfigurationError unless both or neither of each pair of flags are set."""
+    for flag, value, other_flag, other_value in pairs:
+        if bool(value) != bool(other_value):
+            missing = other_flag if value else flag
+            present = flag if value else other_flag
+            raise ConfigurationError(f"{present} is set but {missing} is not; set both or neither")
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a TokenFlow server process can be configured with."""
@@ -312,6 +350,51 @@ class Settings:
     http_max_body_bytes: int = _http_max_body_bytes()
     http_access_log: bool = _http_access_log()
     no_web_dashboard: bool = _no_web_dashboard()
+    api_keys_file: str = _option(
+        "--api-keys-file",
+        "TOKENFLOW_API_KEYS_FILE",
+        "TOML file of API keys ([[keys]] tables with id, sha256, role and an optional limit). "
+        "Set, every TokenFlowService call needs a key; health and reflection stay open. "
+        "Empty (with --api-keys empty too): no authentication.",
+        "",
+    )
+    api_keys: str = _option(
+        "--api-keys",
+        "TOKENFLOW_API_KEYS",
+        "API keys as TOML text in the format of --api-keys-file, for deployments configured "
+        "through the environment.",
+        "",
+    )
+    tls_cert: str = _option(
+        "--tls-cert",
+        "TOKENFLOW_TLS_CERT",
+        "PEM certificate chain of the gRPC server; set with --tls-key, the server accepts "
+        "only TLS.",
+        "",
+    )
+    tls_key: str = _option(
+        "--tls-key",
+        "TOKENFLOW_TLS_KEY",
+        "PEM private key of --tls-cert.",
+        "",
+    )
+    target_ca_cert: str = _option(
+        "--target-ca-cert",
+        "TOKENFLOW_TARGET_CA_CERT",
+        "PEM CA certificates that the built-in gateway checks the server's --tls-cert "
+        "against. Empty: --tls-cert itself, which fits a self-signed certificate.",
+        "",
+    )
+    target_server_name: str = _target_server_name()
+    http_tls_cert: str = _http_tls_cert()
+    http_tls_key: str = _http_tls_key()
+    valkey_ca_cert: str = _option(
+        "--valkey-ca-cert",
+        "TOKENFLOW_VALKEY_CA_CERT",
+        "PEM CA certificates that a rediss:// Valkey's certificate is checked against. "
+        "Empty: the system's CA certificates.",
+        "",
+    )
     log_level: str = _log_level()
 
     def __post_init__(self) -> None:
@@ -381,10 +464,28 @@ class Settings:
                 "--valkey-cluster needs --valkey-url set to the redis:// or rediss:// URL of "
                 f"one cluster node, got {received}"
             )
+        self._validate_security()
         if not self.key_prefix or any(c in self.key_prefix for c in "{}*?[] "):
             raise ConfigurationError(
                 f"--key-prefix {self.key_prefix!r} must be non-empty and contain none of {{}}*?[] "
                 "or spaces"
+            )
+
+    def _validate_security(self) -> None:
+        if self.api_keys and self.api_keys_file:
+            raise ConfigurationError(
+                "--api-keys and --api-keys-file are both set; keep the keys in one of them"
+            )
+        _check_pairs(
+            [
+                ("--tls-cert", self.tls_cert, "--tls-key", self.tls_key),
+                ("--http-tls-cert", self.http_tls_cert, "--http-tls-key", self.http_tls_key),
+            ]
+        )
+        if self.valkey_ca_cert and urllib.parse.urlsplit(self.valkey_url).scheme != "rediss":
+            raise ConfigurationError(
+                "--valkey-ca-cert needs a rediss:// --valkey-url, because only rediss:// "
+                "connects to Valkey over TLS"
             )
 
 
@@ -403,9 +504,20 @@ class GatewaySettings:
     http_max_body_bytes: int = _http_max_body_bytes()
     http_access_log: bool = _http_access_log()
     no_web_dashboard: bool = _no_web_dashboard()
+    target_ca_cert: str = _option(
+        "--target-ca-cert",
+        "TOKENFLOW_TARGET_CA_CERT",
+        "PEM CA certificates that sign the gRPC server's TLS certificate; set, the gateway "
+        "connects to --target over TLS. Empty: plaintext.",
+        "",
+    )
+    target_server_name: str = _target_server_name()
+    http_tls_cert: str = _http_tls_cert()
+    http_tls_key: str = _http_tls_key()
     log_level: str = _log_level()
 
     def __post_init__(self) -> None:
+        _check_pairs([("--http-tls-cert", self.http_tls_cert, "--http-tls-key", self.http_tls_key)])
         parse_address(self.target, "--target")
         parse_address(self.http_address, "--http-address")
         if self.http_max_body_bytes <= 0:

@@ -11,8 +11,10 @@ from tokenflow_grpc.errors import (
     BackendUnavailableError,
     GeneratorError,
     InvalidArgumentError,
+    PermissionDeniedError,
     RateLimitedError,
     TokenFlowError,
+    UnauthenticatedError,
 )
 from tokenflow_grpc.limiter import Decision
 
@@ -78,6 +80,10 @@ def to_status(error: TokenFlowError) -> tuple[grpc.StatusCode, str, list[tuple[s
         status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=str(error))
     elif isinstance(error, GeneratorError):
         status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=str(error))
+    elif isinstance(error, UnauthenticatedError):
+        status = status_pb2.Status(code=code_pb2.UNAUTHENTICATED, message=str(error))
+    elif isinstance(error, PermissionDeniedError):
+        status = status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message=str(error))
     else:
         status = status_pb2.Status(code=code_pb2.INTERNAL, message=str(error))
 

@@ -70,13 +70,16 @@ def connect(
     read_timeout: float | None = None,
     max_connections: int = MAX_CONNECTIONS,
     cluster: bool = False,
+    ca_cert: str = "",
 ) -> Any:
     """Return an asyncio client for url; no connection is made until first use.
 
     timeout bounds connecting, waiting for a free connection of the pool and
     each reply; read_timeout, when given, replaces it for replies (for
     blocking reads). cluster=True treats url as one node of a Valkey Cluster
-    and returns a ClusterClient.
+    and returns a ClusterClient. ca_cert: a PEM file of the CA certificates
+    that a rediss:// server's certificate is checked against, instead of the
+    system's.
     """
     scheme = urllib.parse.urlsplit(url).scheme
     allowed = CLUSTER_SCHEMES if cluster else SUPPORTED_SCHEMES
@@ -100,6 +103,8 @@ def connect(
         ),
         "health_check_interval": 30,
     }
+    if ca_cert:
+        options["ssl_ca_certs"] = ca_cert
     if cluster:
         # Without full coverage the client keeps serving the other slots while
         # one has no primary, between a primary's failure and its replica's promotion.

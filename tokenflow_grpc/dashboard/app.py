@@ -134,7 +134,9 @@ class DashboardApp(App[None]):
     def on_mount(self) -> None:
         self.sub_title = self.options.target
         self.redraw()
-        self.connection = Connection(self.options.target, self.options.timeout)
+        self.connection = Connection(
+            self.options.target, self.options.timeout, self.options.client_options
+        )
         interval = self.options.interval
         self.run_worker(
             poll_stats(self.connection, self.model, interval, self.redraw), name="poll-stats"
@@ -159,6 +161,7 @@ class DashboardApp(App[None]):
             self.options.simulate_count,
             self.model,
             self.redraw,
+            self.options.client_options,
         )
         self._simulate_worker = self.run_worker(burst, name="simulate")
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC
+from typing import Any
 
 from tokenflow_grpc.activity import parse_stream_id
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
@@ -36,12 +37,14 @@ EVENT_LABELS = {
 @dataclass(frozen=True)
 class DashboardOptions:
     """The dashboard's target, the deadline of each call and the refresh interval, in
-    seconds, and the number of requests in a Simulate burst."""
+    seconds, the number of requests in a Simulate burst, and the keyword arguments
+    (TLS credentials, API key) of each AsyncTokenFlowClient it opens."""
 
     target: str
     timeout: float
     interval: float = DEFAULT_INTERVAL_SECONDS
     simulate_count: int = DEFAULT_SIMULATE_COUNT
+    client_options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ LABEL_WIDTH = 20
 async def take_snapshot(options: DashboardOptions) -> DashboardModel:
     """Call GetStats once and return the model holding its figures or its failure."""
     model = DashboardModel(options.target)
-    connection = Connection(options.target, options.timeout)
+    connection = Connection(options.target, options.timeout, options.client_options)
     try:
         await refresh_stats(connection, model)
     finally:

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import NoReturn
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
 
 import grpc
 
@@ -32,15 +32,19 @@ class Connection:
     in backoff was as late as the old one.
     """
 
-    def __init__(self, target: str, timeout: float) -> None:
+    def __init__(
+        self, target: str, timeout: float, client_options: Mapping[str, Any] | None = None
+    ) -> None:
+        """client_options: keyword arguments of AsyncTokenFlowClient (credentials, api_key)."""
         self.target = target
         self.timeout = timeout
-        self.client = AsyncTokenFlowClient(target, timeout)
+        self.client_options = dict(client_options or {})
+        self.client = AsyncTokenFlowClient(target, timeout, **self.client_options)
 
     async def replace(self) -> None:
         """Open a new client and close the old one, which cancels the calls still on it."""
         old = self.client
-        self.client = AsyncTokenFlowClient(self.target, self.timeout)
+        self.client = AsyncTokenFlowClient(self.target, self.timeout, **self.client_options)
         await old.close()
 
     async def close(self) -> None:
@@ -134,6 +138,7 @@ async def run_simulate(
     count: int,
     model: DashboardModel,
     on_change: Callable[[], None],
+    client_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Send one Simulate burst of count requests and record its summary, or the failure.
 
@@ -144,7 +149,7 @@ async def run_simulate(
     model.simulate_problem = ""
     on_change()
     try:
-        async with AsyncTokenFlowClient(target, timeout) as client:
+        async with AsyncTokenFlowClient(target, timeout, **(client_options or {})) as client:
             response = await client.simulate(count)
     except grpc.aio.AioRpcError as error:
         model.simulate_problem = describe_error(error)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ssl
+from collections.abc import Sequence
+from typing import Any
+
 import grpc
 
 from tokenflow_grpc.gateway.app import Gateway, GatewayServer
@@ -18,9 +22,19 @@ async def start_gateway(
     max_body_bytes: int = 1024 * 1024,
     access_log: bool = False,
     web_dashboard: bool = True,
+    channel_credentials: Any = None,
+    channel_options: Sequence[tuple[str, Any]] = (),
+    ssl_context: ssl.SSLContext | None = None,
 ) -> GatewayServer:
-    """Start a gateway for TokenFlowService at target; return it once it listens."""
-    channel = grpc.aio.insecure_channel(target)
+    """Start a gateway for TokenFlowService at target; return it once it listens.
+
+    channel_credentials: TLS credentials of the channel to target, None for
+    plaintext. ssl_context: serve HTTPS with it instead of HTTP.
+    """
+    if channel_credentials is None:
+        channel = grpc.aio.insecure_channel(target, options=channel_options)
+    else:
+        channel = grpc.aio.secure_channel(target, channel_credentials, options=channel_options)
     gateway = Gateway(
         channel,
         tokenflow_pb2.DESCRIPTOR.services_by_name.values(),
@@ -28,6 +42,6 @@ async def start_gateway(
         max_body_bytes=max_body_bytes,
         web_dashboard=web_dashboard,
     )
-    server = GatewayServer(gateway, access_log)
+    server = GatewayServer(gateway, access_log, ssl_context)
     await server.start(http_address)
     return server

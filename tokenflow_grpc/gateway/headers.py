@@ -7,6 +7,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import grpc
+
 from tokenflow_grpc.settings import Network
 
 METADATA_HEADER_PREFIX = "grpc-metadata-"
@@ -45,7 +47,9 @@ MAX_FORWARDED_METADATA_BYTES = 4096
 MAX_TIMEOUT_SECONDS = 30 * 86400.0
 RATE_LIMIT_POLICY_NAME = "default"
 # HTTP headers passed on as metadata under their own name.
-FORWARDED_HEADERS = ("authorization", "x-request-id")
+FORWARDED_HEADERS = ("authorization", "x-api-key", "x-request-id")
+# The challenge of a 401 response (RFC 6750, section 3).
+AUTHENTICATE_CHALLENGE = 'Bearer realm="tokenflow"'
 # Characters allowed in ASCII metadata keys and values (gRPC over HTTP/2 protocol).
 METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
 METADATA_VALUE = re.compile(r"[\x20-\x7e]*")
@@ -128,7 +132,7 @@ def request_metadata(
     size = sum(len(key) + len(value) for key, value in metadata)
     if size > MAX_FORWARDED_METADATA_BYTES:
         raise HeaderError(
-            f"the forwarded headers (Authorization, X-Request-Id, Grpc-Metadata-*) are "
+            f"the forwarded headers (Authorization, X-API-Key, X-Request-Id, Grpc-Metadata-*) are "
             f"{size} bytes; the maximum is {MAX_FORWARDED_METADATA_BYTES}"
         )
 
@@ -137,6 +141,13 @@ def request_metadata(
     if forwarded:
         metadata.append(("x-forwarded-for", forwarded))
     return metadata
+
+
+def challenge_headers(code: grpc.StatusCode) -> dict[str, str]:
+    """Return the WWW-Authenticate header that an UNAUTHENTICATED error's 401 needs."""
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return {"WWW-Authenticate": AUTHENTICATE_CHALLENGE}
+    return {}
 
 
 def response_headers(

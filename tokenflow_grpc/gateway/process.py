@@ -19,7 +19,7 @@ from tokenflow_grpc.processes import child_preexec, relay_output
 
 logger = logging.getLogger(__name__)
 
-READY_LINE = re.compile(r"serving HTTP on http://\S+:(\d+)")
+READY_LINE = re.compile(r"serving HTTPS? on https?://\S+:(\d+)")
 START_TIMEOUT_SECONDS = 20.0
 STOP_TIMEOUT_SECONDS = 15.0
 RESTART_DELAY_SECONDS = 1.0
