@@ -199,8 +199,8 @@ class _RequestIdContext:
     """The handler's view of its ServicerContext, which adds the request id to
     the trailing metadata that the handler sets or aborts with.
 
-    gRPC sends the trailing metadata of context.abort() as it stands when
-    abort() is called, so it cannot be added afterwards.
+    gRPC sends the trailing metadata passed to context.abort(), and ignores
+    set_trailing_metadata() after it, so the id must go in with the call.
     """
 
     def __init__(self, context: grpc.aio.ServicerContext[Any, Any], request_id: str) -> None:
