@@ -14,6 +14,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from tokenflow_grpc.errors import quoted
+from tokenflow_grpc.metrics import EVENTS_DROPPED, OPERATION_STREAM_READ, valkey_timer
 
 logger = logging.getLogger(__name__)
 
@@ -105,12 +106,14 @@ class Subscription:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:
             self.dropped += 1
+            EVENTS_DROPPED.inc()
 
     def end(self) -> None:
         """Make the watcher's stream finish after the events already queued."""
         if self.queue.full():
             self.queue.get_nowait()
             self.dropped += 1
+            EVENTS_DROPPED.inc()
         self.queue.put_nowait(None)
 
 
@@ -244,12 +247,8 @@ class ActivityHub:
         delay = _RETRY_MIN_SECONDS
         while True:
             try:
-                if self._block_ms is None:
-                    reply = await self.redis.xread({self._stream_key: last_id}, count=_READ_COUNT)
-                else:
-                    reply = await self.redis.xread(
-                        {self._stream_key: last_id}, count=_READ_COUNT, block=self._block_ms
-                    )
+                with valkey_timer(OPERATION_STREAM_READ):
+                    reply = await self._read_after(last_id)
             except (RedisError, OSError) as error:
                 logger.warning("activity reader failed, retrying in %.2f s: %s", delay, error)
                 await asyncio.sleep(delay)
@@ -267,6 +266,13 @@ class ActivityHub:
                     last_id = entry_id
             if not reply and self._block_ms is None:
                 await asyncio.sleep(self._poll_seconds)
+
+    async def _read_after(self, last_id: str) -> Any:
+        if self._block_ms is None:
+            return await self.redis.xread({self._stream_key: last_id}, count=_READ_COUNT)
+        return await self.redis.xread(
+            {self._stream_key: last_id}, count=_READ_COUNT, block=self._block_ms
+        )
 
     async def _start_position(self) -> str:
         """Return the id of the newest entry, so reading starts with the next one."""

@@ -36,6 +36,7 @@ from tokenflow_grpc.dashboard.model import (
     DashboardOptions,
 )
 from tokenflow_grpc.errors import ConfigurationError
+from tokenflow_grpc.logformat import configure_logging
 from tokenflow_grpc.settings import GatewaySettings, Settings, add_arguments, settings_from
 from tokenflow_grpc.signals import SHUTDOWN_GRACE_SECONDS, SignalCounter
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
@@ -43,6 +44,7 @@ from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 if TYPE_CHECKING:
     from tokenflow_grpc.embedded import EmbeddedValkey
     from tokenflow_grpc.gateway.process import GatewayProcess
+    from tokenflow_grpc.metrics import MetricsServer
 
 logger = logging.getLogger("tokenflow")
 
@@ -93,6 +95,8 @@ def gateway_arguments(settings: Settings, target: str) -> list[str]:
         str(settings.http_max_body_bytes),
         "--log-level",
         settings.log_level,
+        "--log-format",
+        settings.log_format,
     ]
     if settings.http_access_log:
         arguments.append("--http-access-log")
@@ -143,6 +147,7 @@ async def _serve_one(settings: Settings, embedded: EmbeddedValkey | None) -> Non
         port = await server.start()
         target = local_target(settings.grpc_address, port)
         print(f"TokenFlow is serving gRPC on {target}", flush=True)
+        _print_metrics_address(settings, server.metrics)
         gateway = await _start_gateway(settings, target)
         await signals.first.wait()
         grace = SHUTDOWN_GRACE_SECONDS
@@ -173,6 +178,7 @@ async def _serve_workers(settings: Settings, embedded: EmbeddedValkey | None) ->
         port = await pool.start()
         target = local_target(settings.grpc_address, port)
         print(f"TokenFlow is serving gRPC on {target} with {settings.workers} workers", flush=True)
+        _print_metrics_address(settings, pool.metrics.server if pool.metrics else None)
         # NOTE: the gateway's one gRPC connection reaches one worker, so HTTP/JSON
         # calls do not spread over the workers.
         gateway = await _start_gateway(settings, target)
@@ -188,6 +194,12 @@ async def _serve_workers(settings: Settings, embedded: EmbeddedValkey | None) ->
             watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watchdog
+
+
+def _print_metrics_address(settings: Settings, metrics: MetricsServer | None) -> None:
+    if metrics is not None:
+        host = settings.metrics_address.rsplit(":", 1)[0]
+        print(f"Prometheus metrics: http://{host}:{metrics.port}/metrics", flush=True)
 
 
 async def _keep_running(embedded: EmbeddedValkey) -> None:
@@ -459,10 +471,7 @@ def _run_service(
     except ConfigurationError as error:
         print(f"tokenflow {arguments.command}: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(run(settings))

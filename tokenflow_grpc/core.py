@@ -21,6 +21,7 @@ from tokenflow_grpc.keys import NAMESPACE_CLIENT, key_space
 from tokenflow_grpc.limiter import Decision
 from tokenflow_grpc.logs import RepeatLimiter
 from tokenflow_grpc.lua import Scripts
+from tokenflow_grpc.metrics import OPERATION_PING, OPERATION_STATS, valkey_timer
 from tokenflow_grpc.rounds import (
     OUTCOME_HIT,
     OUTCOME_MISS,
@@ -29,6 +30,7 @@ from tokenflow_grpc.rounds import (
     Call,
     rounds_for,
 )
+from tokenflow_grpc.rounds_metrics import CountedRounds
 from tokenflow_grpc.settings import Settings
 from tokenflow_grpc.stats import StatsSnapshot, read_stats
 from tokenflow_grpc.valkey import ping
@@ -84,7 +86,9 @@ class TokenFlow:
         self._clock = clock
         self._warnings = RepeatLimiter(logger)
         self._lock_ttl_ms = int(LOCK_LEASE_SECONDS * 1000)
-        self.rounds = rounds_for(redis, self.keys, self.scripts, settings, self._lock_ttl_ms)
+        self.rounds = CountedRounds(
+            rounds_for(redis, self.keys, self.scripts, settings, self._lock_ttl_ms)
+        )
         self._max_wait_seconds = settings.generator_timeout + _WAIT_MARGIN_SECONDS
 
     def now_ms(self) -> int:
@@ -93,7 +97,8 @@ class TokenFlow:
     async def valkey_error(self) -> Exception | None:
         """Return None when Valkey (every primary of a cluster) replies to PING, else the error."""
         try:
-            await ping(self.redis)
+            with valkey_timer(OPERATION_PING):
+                await ping(self.redis)
         except (RedisError, OSError) as error:
             return error
         return None
@@ -267,7 +272,8 @@ class TokenFlow:
     async def stats(self, activity_limit: int) -> StatsSnapshot | None:
         """Return a snapshot of the figures, or None when Valkey cannot be reached."""
         try:
-            return await read_stats(self.redis, self.keys, self.now_ms(), activity_limit)
+            with valkey_timer(OPERATION_STATS):
+                return await read_stats(self.redis, self.keys, self.now_ms(), activity_limit)
         except (RedisError, OSError) as error:
             self._warnings.warning("stats", "GetStats could not reach Valkey: %s", error)
             return None

@@ -50,6 +50,23 @@ class RateLimitedError(TokenFlowError):
         super().__init__(f"rate limit exceeded for client {client}")
 
 
+class QuotaExceededError(TokenFlowError):
+    """A caller used up a server limit other than the rate limit, such as open
+    watchers or Simulate calls; the message names the limit and its flag.
+
+    subject and description fill google.rpc.QuotaFailure; retry_after_ms is
+    None when waiting alone does not help (a watcher must close first).
+    """
+
+    def __init__(
+        self, message: str, subject: str, description: str, retry_after_ms: int | None = None
+    ) -> None:
+        self.subject = subject
+        self.description = description
+        self.retry_after_ms = retry_after_ms
+        super().__init__(message)
+
+
 class BackendUnavailableError(TokenFlowError):
     """Valkey could not be reached and the policy is to fail closed."""
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
+from tokenflow_grpc.metrics import valkey_timer
+
 COMMON = "_common.lua"
 
 
@@ -35,9 +37,11 @@ class Script:
     while any primary is down. EVAL goes only to the node of the keys' slot.
     """
 
-    def __init__(self, redis: Any, source: str) -> None:
+    def __init__(self, redis: Any, source: str, name: str) -> None:
+        """name: the operation label of the script's Valkey latency metric."""
         self.redis = redis
         self.source = source
+        self.name = name
         self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
 
     async def __call__(self, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
@@ -46,10 +50,11 @@ class Script:
         A NOSCRIPT reply means the script did not run, so running it with
         EVAL cannot run it twice.
         """
-        try:
-            return await self.redis.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            return await self.redis.eval(self.source, len(keys), *keys, *args)
+        with valkey_timer(self.name):
+            try:
+                return await self.redis.evalsha(self.sha, len(keys), *keys, *args)
+            except NoScriptError:
+                return await self.redis.eval(self.source, len(keys), *keys, *args)
 
 
 @dataclass(frozen=True)
@@ -67,12 +72,16 @@ class Scripts:
     def register(cls, redis: Any) -> Scripts:
         """Bind every script to redis; nothing is sent until a script first runs."""
         return cls(
-            begin_generate=Script(redis, read_script("begin_generate.lua")),
-            limit_generate=Script(redis, read_script("limit_generate.lua")),
-            claim_generate=Script(redis, read_script("claim_generate.lua")),
+            begin_generate=Script(redis, read_script("begin_generate.lua"), "begin_generate"),
+            limit_generate=Script(redis, read_script("limit_generate.lua"), "limit_generate"),
+            claim_generate=Script(redis, read_script("claim_generate.lua"), "claim_generate"),
             complete_generate=Script(
-                redis, read_script("complete_generate.lua", with_common=False)
+                redis, read_script("complete_generate.lua", with_common=False), "complete_generate"
             ),
-            release_lock=Script(redis, read_script("release_lock.lua", with_common=False)),
-            extend_lock=Script(redis, read_script("extend_lock.lua", with_common=False)),
+            release_lock=Script(
+                redis, read_script("release_lock.lua", with_common=False), "release_lock"
+            ),
+            extend_lock=Script(
+                redis, read_script("extend_lock.lua", with_common=False), "extend_lock"
+            ),
         )

@@ -19,7 +19,10 @@ from tokenflow_grpc.core import Clock, GenerateResult, TokenFlow
 from tokenflow_grpc.errors import TokenFlowError
 from tokenflow_grpc.generator import Generator, SimulatedGenerator
 from tokenflow_grpc.identity import client_identity
+from tokenflow_grpc.input_limits import SimulateLimit, WatcherLimit, grpc_size_options
 from tokenflow_grpc.limiter import Decision
+from tokenflow_grpc.metrics import VALKEY_UP, MetricsServer
+from tokenflow_grpc.observability import ObservabilityInterceptor
 from tokenflow_grpc.reflection import enable_reflection
 from tokenflow_grpc.settings import Settings
 from tokenflow_grpc.simulate import OUTCOME_BLOCKED, OUTCOME_SUCCESS, run_simulation
@@ -135,6 +138,8 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
         self.worker_metadata: tuple[tuple[str, str], ...] = (
             ((WORKER_METADATA_KEY, worker_id),) if worker_id else ()
         )
+        self.watchers = WatcherLimit(settings.max_watchers_per_client)
+        self.simulate_limit = SimulateLimit(core.redis, core.keys, settings, core.now_ms)
 
     def client_of(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         """Return the call's API key identity, or else its address (x-forwarded-for
@@ -200,6 +205,7 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
     ) -> pb.SimulateResponse:
         try:
             count = validation.simulate_count(request, self.settings)
+            await self.simulate_limit.check(self.client_of(context))
         except TokenFlowError as error:
             await abort(context, error)
         report = await run_simulation(self.core, count)
@@ -227,17 +233,22 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
     async def WatchActivity(
         self, request: pb.WatchActivityRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchActivityResponse]:
+        client = self.client_of(context)
         try:
             since_id, types = validation.watch_filter(request)
+            self.watchers.acquire(client)
         except TokenFlowError as error:
             await abort(context, error)
 
-        async with self.core.hub.subscription(types) as subscription:
-            await context.send_initial_metadata(WATCH_READY_METADATA)
-            async for event, dropped in self.core.hub.watch(subscription, since_id):
-                message = event_message(event)
-                redact_prompts([message])
-                yield pb.WatchActivityResponse(event=message, dropped=dropped)
+        try:
+            async with self.core.hub.subscription(types) as subscription:
+                await context.send_initial_metadata(WATCH_READY_METADATA)
+                async for event, dropped in self.core.hub.watch(subscription, since_id):
+                    message = event_message(event)
+                    redact_prompts([message])
+                    yield pb.WatchActivityResponse(event=message, dropped=dropped)
+        finally:
+            self.watchers.release(client)
         # The hub ends a watch only when the server stops.
         await context.abort(
             grpc.StatusCode.UNAVAILABLE,
@@ -271,6 +282,7 @@ class HealthMonitor:
             await self.on_valkey_down()
             error = await self.core.valkey_error()
         connected = error is None
+        VALKEY_UP.set(1 if connected else 0)
         if connected != self.connected:
             if connected:
                 logger.info("Valkey connection is up")
@@ -351,9 +363,15 @@ class TokenFlowServer:
         # instead of silently sharing the port with the first. The workers of
         # `serve --workers N` set it to share one port on purpose.
         self.server = grpc.aio.server(
-            options=[("grpc.so_reuseport", int(reuse_port))],
-            interceptors=interceptors_for(settings, SERVICE_NAME),
+            # The observability interceptor comes first, so that it counts, logs and
+            # gives a request id to the calls that authentication rejects.
+            interceptors=[
+                ObservabilityInterceptor(settings.trusted_proxies),
+                *interceptors_for(settings, SERVICE_NAME),
+            ],
+            options=[("grpc.so_reuseport", int(reuse_port)), *grpc_size_options(settings)],
         )
+        self.metrics = MetricsServer(settings.metrics_address) if settings.metrics_address else None
         self.health = health.aio.HealthServicer()
         self.monitor = HealthMonitor(core, self.health, settings, on_valkey_down)
         self.port = 0
@@ -397,6 +415,8 @@ class TokenFlowServer:
                 "--trusted-proxies trusts every address, so any client can choose the "
                 "identity it is limited by through x-forwarded-for"
             )
+        if self.metrics is not None:
+            self.metrics.start()
         await self.monitor.check()
         self.monitor.start()
         await self.server.start()
@@ -433,6 +453,8 @@ class TokenFlowServer:
         await asyncio.sleep(0)
         await self.core.close()
         await stopping
+        if self.metrics is not None:
+            self.metrics.stop()
         if self._owns_redis:
             if self.core.hub.redis is not self.core.redis:
                 await self.core.hub.redis.aclose()

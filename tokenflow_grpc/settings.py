@@ -30,6 +30,10 @@ MAX_SIMULATE_COUNT = 100_000
 MAX_ACTIVITY_EVENTS = 1_000_000
 MAX_WATCH_QUEUE_SIZE = 1_000_000
 MAX_WORKERS = 256
+MAX_WATCHERS_PER_CLIENT = 1_000_000
+# gRPC keeps these sizes in a C int.
+MAX_GRPC_SIZE_BYTES = 2**31 - 1
+LOG_FORMATS = ("text", "json")
 
 
 def parse_address(text: str, flag: str) -> tuple[str, int]:
@@ -150,7 +154,7 @@ def _log_level() -> Any:
     return _option(
         "--log-level",
         "TOKENFLOW_LOG_LEVEL",
-        "Logging level.",
+        "Logging level; DEBUG adds one line per request.",
         "INFO",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
     )
@@ -192,6 +196,16 @@ def _check_pairs(pairs: Sequence[tuple[str, str, str, str]]) -> None:
             missing = other_flag if value else flag
             present = flag if value else other_flag
             raise ConfigurationError(f"{present} is set but {missing} is not; set both or neither")
+
+
+def _log_format() -> Any:
+    return _option(
+        "--log-format",
+        "TOKENFLOW_LOG_FORMAT",
+        "Log line format: text, or json for one JSON object per line.",
+        "text",
+        choices=LOG_FORMATS,
+    )
 
 
 @dataclass(frozen=True)
@@ -317,6 +331,34 @@ class Settings:
         1000,
         parse=int,
     )
+    simulate_per_minute: int = _option(
+        "--simulate-per-minute",
+        "TOKENFLOW_SIMULATE_PER_MINUTE",
+        "Simulate calls admitted per client per minute.",
+        10,
+        parse=int,
+    )
+    max_message_bytes: int = _option(
+        "--max-message-bytes",
+        "TOKENFLOW_MAX_MESSAGE_BYTES",
+        "Largest gRPC request message accepted, in bytes.",
+        1024 * 1024,
+        parse=int,
+    )
+    max_metadata_bytes: int = _option(
+        "--max-metadata-bytes",
+        "TOKENFLOW_MAX_METADATA_BYTES",
+        "Largest request metadata (headers) accepted, in bytes as HTTP/2 counts them.",
+        8 * 1024,
+        parse=int,
+    )
+    max_watchers_per_client: int = _option(
+        "--max-watchers-per-client",
+        "TOKENFLOW_MAX_WATCHERS_PER_CLIENT",
+        "Open WatchActivity streams allowed per client in one server process.",
+        100,
+        parse=int,
+    )
     activity_max_events: int = _option(
         "--activity-max-events",
         "TOKENFLOW_ACTIVITY_MAX_EVENTS",
@@ -396,6 +438,14 @@ class Settings:
         "",
     )
     log_level: str = _log_level()
+    log_format: str = _log_format()
+    metrics_address: str = _option(
+        "--metrics-address",
+        "TOKENFLOW_METRICS_ADDRESS",
+        "Serve Prometheus metrics over HTTP at /metrics on HOST:PORT. Empty turns them off; "
+        "with --workers, the parent serves the sum of the workers' figures.",
+        "",
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -417,11 +467,17 @@ class Settings:
             ("--activity-max-events", self.activity_max_events, MAX_ACTIVITY_EVENTS),
             ("--watch-queue-size", self.watch_queue_size, MAX_WATCH_QUEUE_SIZE),
             ("--workers", self.workers, MAX_WORKERS),
+            ("--simulate-per-minute", self.simulate_per_minute, MAX_RATE_LIMIT),
+            ("--max-message-bytes", self.max_message_bytes, MAX_GRPC_SIZE_BYTES),
+            ("--max-metadata-bytes", self.max_metadata_bytes, MAX_GRPC_SIZE_BYTES),
+            ("--max-watchers-per-client", self.max_watchers_per_client, MAX_WATCHERS_PER_CLIENT),
         ):
             if not math.isfinite(value) or value > maximum:
                 raise ConfigurationError(f"{flag} must be at most {maximum:g}, got {value}")
         parse_address(self.grpc_address, "--grpc-address")
         parse_address(self.http_address, "--http-address")
+        if self.metrics_address:
+            parse_address(self.metrics_address, "--metrics-address")
         positive = {
             "--rate-limit": self.rate_limit,
             "--rate-window": self.rate_window,
@@ -434,6 +490,10 @@ class Settings:
             "--valkey-timeout": self.valkey_timeout,
             "--http-max-body-bytes": self.http_max_body_bytes,
             "--workers": self.workers,
+            "--simulate-per-minute": self.simulate_per_minute,
+            "--max-message-bytes": self.max_message_bytes,
+            "--max-metadata-bytes": self.max_metadata_bytes,
+            "--max-watchers-per-client": self.max_watchers_per_client,
         }
         for flag, value in positive.items():
             if value <= 0:
@@ -445,6 +505,12 @@ class Settings:
         if self.generator_latency < 0:
             raise ConfigurationError(
                 f"--generator-latency must not be negative, got {self.generator_latency}"
+            )
+        if self.max_message_bytes <= self.max_prompt_bytes:
+            raise ConfigurationError(
+                f"--max-message-bytes {self.max_message_bytes} must be greater than "
+                f"--max-prompt-bytes {self.max_prompt_bytes}, or no prompt of the maximum "
+                "size could arrive"
             )
         if self.default_model not in self.models:
             raise ConfigurationError(
@@ -515,6 +581,7 @@ class GatewaySettings:
     http_tls_cert: str = _http_tls_cert()
     http_tls_key: str = _http_tls_key()
     log_level: str = _log_level()
+    log_format: str = _log_format()
 
     def __post_init__(self) -> None:
         _check_pairs([("--http-tls-cert", self.http_tls_cert, "--http-tls-key", self.http_tls_key)])

@@ -3,6 +3,8 @@ in one place."""
 
 from __future__ import annotations
 
+import math
+
 import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -12,6 +14,7 @@ from tokenflow_grpc.errors import (
     GeneratorError,
     InvalidArgumentError,
     PermissionDeniedError,
+    QuotaExceededError,
     RateLimitedError,
     TokenFlowError,
     UnauthenticatedError,
@@ -56,6 +59,27 @@ def _rate_limited(error: RateLimitedError) -> tuple[status_pb2.Status, list[tupl
     return status, decision.metadata()
 
 
+def _quota_exceeded(error: QuotaExceededError) -> tuple[status_pb2.Status, list[tuple[str, str]]]:
+    quota_failure = error_details_pb2.QuotaFailure(
+        violations=[
+            error_details_pb2.QuotaFailure.Violation(
+                subject=error.subject, description=error.description
+            )
+        ]
+    )
+    details = [_pack(quota_failure)]
+    metadata = []
+    if error.retry_after_ms is not None:
+        retry_delay = duration_pb2.Duration()
+        retry_delay.FromMilliseconds(error.retry_after_ms)
+        details.insert(0, _pack(error_details_pb2.RetryInfo(retry_delay=retry_delay)))
+        metadata.append(("retry-after", str(max(1, math.ceil(error.retry_after_ms / 1000)))))
+    status = status_pb2.Status(
+        code=code_pb2.RESOURCE_EXHAUSTED, message=str(error), details=details
+    )
+    return status, metadata
+
+
 def _invalid_argument(error: InvalidArgumentError) -> status_pb2.Status:
     bad_request = error_details_pb2.BadRequest(
         field_violations=[
@@ -74,6 +98,9 @@ def to_status(error: TokenFlowError) -> tuple[grpc.StatusCode, str, list[tuple[s
     if isinstance(error, RateLimitedError):
         status, rate_metadata = _rate_limited(error)
         metadata.extend(rate_metadata)
+    elif isinstance(error, QuotaExceededError):
+        status, quota_metadata = _quota_exceeded(error)
+        metadata.extend(quota_metadata)
     elif isinstance(error, InvalidArgumentError):
         status = _invalid_argument(error)
     elif isinstance(error, BackendUnavailableError):

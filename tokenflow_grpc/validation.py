@@ -42,7 +42,8 @@ def generation_request(message: pb.GenerateRequest, settings: Settings) -> Gener
         violations.append(
             FieldViolation(
                 "prompt",
-                f"is {prompt_bytes} bytes of UTF-8; the maximum is {settings.max_prompt_bytes}",
+                f"is {prompt_bytes} bytes of UTF-8; the maximum is {settings.max_prompt_bytes} "
+                "(--max-prompt-bytes)",
             )
         )
 
@@ -98,7 +99,9 @@ def simulate_count(message: pb.SimulateRequest, settings: Settings) -> int:
         _raise_if(
             [
                 FieldViolation(
-                    "count", f"must be between 0 and {settings.simulate_max_count}, got {count}"
+                    "count",
+                    f"must be between 0 and {settings.simulate_max_count} "
+                    f"(--simulate-max-count), got {count}",
                 )
             ]
         )

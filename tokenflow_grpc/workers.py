@@ -28,8 +28,11 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 
 from tokenflow_grpc.errors import ConfigurationError
+from tokenflow_grpc.logformat import configure_logging
+from tokenflow_grpc.metrics import MultiprocessMetrics
 from tokenflow_grpc.processes import child_preexec, relay_output
 from tokenflow_grpc.settings import Settings, parse_address, settings_from, settings_values
 from tokenflow_grpc.signals import SHUTDOWN_GRACE_SECONDS, SignalCounter
@@ -94,11 +97,18 @@ def describe_exit(returncode: int) -> str:
 class WorkerProcess:
     """One worker: starts it, restarts it whenever it exits, and stops it."""
 
-    def __init__(self, index: int, settings_line: bytes) -> None:
+    def __init__(
+        self,
+        index: int,
+        settings_line: bytes,
+        on_exit: Callable[[int], None] | None = None,
+    ) -> None:
         """index is 1 to N and stays the same across restarts. settings_line is
-        the JSON line sent on stdin."""
+        the JSON line sent on stdin. on_exit is called with the pid of each
+        process of this worker that exits while supervised."""
         self.index = index
         self.settings_line = settings_line
+        self.on_exit = on_exit
         self.process: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self._started_at = 0.0
@@ -232,6 +242,8 @@ class WorkerProcess:
         while True:
             assert self.process is not None
             returncode = await self.process.wait()
+            if self.on_exit is not None:
+                self.on_exit(self.process.pid)
             ran = time.monotonic() - self._started_at
             if ran >= STABLE_SECONDS:
                 delay = FIRST_RESTART_DELAY_SECONDS
@@ -269,6 +281,8 @@ class WorkerPool:
         self.workers: list[WorkerProcess] = []
         self._reserved: socket.socket | None = None
         self._stopped = False
+        # The parent's /metrics, with the sum of the workers' figures.
+        self.metrics: MultiprocessMetrics | None = None
 
     async def start(self) -> int:
         """Reserve the port, start every worker, and return the port once all serve.
@@ -286,11 +300,19 @@ class WorkerPool:
         self.port = self._reserved.getsockname()[1]
         host = self.settings.grpc_address.rsplit(":", 1)[0]
         worker_settings = dataclasses.replace(
-            self.settings, grpc_address=f"{host}:{self.port}", workers=1, no_gateway=True
+            self.settings,
+            grpc_address=f"{host}:{self.port}",
+            workers=1,
+            no_gateway=True,
+            metrics_address="",
         )
+        if self.settings.metrics_address:
+            # Before the workers start, so that they inherit its directory.
+            self.metrics = MultiprocessMetrics(self.settings.metrics_address)
+            self.metrics.start()
         values = settings_values(worker_settings)
         self.workers = [
-            WorkerProcess(index, _settings_line(index, values))
+            WorkerProcess(index, _settings_line(index, values), self._worker_exited)
             for index in range(1, self.settings.workers + 1)
         ]
 
@@ -307,6 +329,10 @@ class WorkerPool:
         for worker in self.workers:
             worker.send_signal(signum)
 
+    def _worker_exited(self, pid: int) -> None:
+        if self.metrics is not None:
+            self.metrics.worker_exited(pid)
+
     async def stop(self, grace: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Stop every worker at once with SIGTERM, and kill those still running
         after grace plus STOP_MARGIN_SECONDS. Then release the port."""
@@ -321,6 +347,8 @@ class WorkerPool:
         if self._reserved is not None:
             self._reserved.close()
             self._reserved = None
+        if self.metrics is not None:
+            self.metrics.stop()
         if self.workers:
             logger.info("all %d workers stopped", len(self.workers))
 
@@ -390,11 +418,7 @@ def main() -> int:
     except ConfigurationError as error:
         print(error, file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level,
-        format=f"%(asctime)s %(levelname)s %(name)s (worker {index}, pid %(process)d): "
-        "%(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format, worker=index)
     try:
         asyncio.run(run_worker(settings, index))
     except (ConfigurationError, OSError) as error:

@@ -28,6 +28,11 @@ from tokenflow_grpc.gateway.headers import (
     response_headers,
 )
 from tokenflow_grpc.gateway.openapi import build_openapi
+from tokenflow_grpc.gateway.request_ids import (
+    add_request_id_header,
+    request_ids,
+    with_request_id,
+)
 from tokenflow_grpc.gateway.routes import Route, routes_for
 from tokenflow_grpc.gateway.transcode import (
     TranscodeError,
@@ -124,7 +129,10 @@ class Gateway:
         )
 
     def application(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body_bytes, middlewares=[status_errors])
+        app = web.Application(
+            client_max_size=self.max_body_bytes, middlewares=[request_ids, status_errors]
+        )
+        app.on_response_prepare.append(add_request_id_header)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/openapi.json", self.openapi_document)
         if self.web_dashboard is not None:
@@ -183,6 +191,7 @@ class Gateway:
             message = build_request(route, path_values, query, body)
             timeout = _timeout(request)
             metadata = request_metadata(request.headers, request.remote, self.trusted_proxies)
+            with_request_id(request, metadata)
         except (TranscodeError, HeaderError) as error:
             return error_response(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 

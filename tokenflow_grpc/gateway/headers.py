@@ -165,6 +165,8 @@ def response_headers(
         for key, value in pairs or ():
             if not isinstance(value, str) or key in RESERVED_METADATA:
                 continue
+            if key == "x-request-id":
+                continue  # The gateway sets X-Request-Id itself, from the same id.
             if key in RATE_LIMIT_HEADERS:
                 headers[RATE_LIMIT_HEADERS[key]] = value
                 rate[key] = value
