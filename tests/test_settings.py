@@ -31,6 +31,15 @@ def test_defaults() -> None:
     assert [str(n) for n in settings.trusted_proxies] == ["127.0.0.0/8", "::1/128"]
 
 
+@pytest.mark.parametrize(
+    ("seconds", "milliseconds"), [("1.001", 1001), ("0.29", 290), ("60", 60_000), ("0.001", 1)]
+)
+def test_rate_window_ms_exact(seconds: str, milliseconds: int) -> None:
+    settings = settings_from(parse("--rate-window", seconds), environ={})
+
+    assert settings.rate_window_ms == milliseconds
+
+
 def test_environment_overrides_default() -> None:
     settings = settings_from(
         parse(), environ={"TOKENFLOW_RATE_LIMIT": "5", "TOKENFLOW_VALKEY_URL": "memory://"}

@@ -452,7 +452,8 @@ class Settings:
 
     @property
     def rate_window_ms(self) -> int:
-        return int(self.rate_window * 1000)
+        # Rounded, because truncation turns 1.001 s (1000.9999999999999 ms) into 1000 ms.
+        return round(self.rate_window * 1000)
 
     def validate(self) -> None:
         """Raise ConfigurationError naming the first invalid setting."""
