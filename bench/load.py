@@ -5,6 +5,9 @@ response, and send again, until `--duration` seconds have passed after the
 warm-up or `--max-requests` requests have been sent. Requests started during
 the warm-up are sent but not measured. The result is one JSON object on stdout.
 
+With --unique-prompts every request has a prompt of its own, so every
+request is a cache miss.
+
     python -m bench.load grpc 127.0.0.1:50051 --concurrency 16
     python -m bench.load http http://127.0.0.1:8080 --concurrency 16
 """
@@ -17,7 +20,8 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import aiohttp
@@ -111,15 +115,28 @@ async def run_load(send: Send, result: LoadResult, bounds: Bounds) -> None:
     result.seconds = max(0.0, ended - measure_from)
 
 
-async def load_grpc(target: str, prompt: str, result: LoadResult, bounds: Bounds) -> None:
+def unique_prompts(prompt: str) -> Iterator[str]:
+    """Yield prompt followed by a number, never the same text twice in any run."""
+    run = uuid.uuid4().hex[:12]
+    number = 0
+    while True:
+        number += 1
+        yield f"{prompt} [{run}-{number}]"
+
+
+async def load_grpc(
+    target: str, prompt: str, result: LoadResult, bounds: Bounds, unique: bool = False
+) -> None:
     """Load Generate over one grpc.aio channel, which multiplexes the calls over HTTP/2."""
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.TokenFlowServiceStub(channel)
         request = pb.GenerateRequest(prompt=prompt)
+        prompts = unique_prompts(prompt)
 
         async def send() -> str:
+            message = pb.GenerateRequest(prompt=next(prompts)) if unique else request
             try:
-                response = await stub.Generate(request, timeout=REQUEST_TIMEOUT_SECONDS)
+                response = await stub.Generate(message, timeout=REQUEST_TIMEOUT_SECONDS)
             except grpc.aio.AioRpcError:
                 return ERROR
             return HIT if response.cached else MISS
@@ -127,8 +144,12 @@ async def load_grpc(target: str, prompt: str, result: LoadResult, bounds: Bounds
         await run_load(send, result, bounds)
 
 
-async def load_http(base_url: str, prompt: str, result: LoadResult, bounds: Bounds) -> None:
+async def load_http(
+    base_url: str, prompt: str, result: LoadResult, bounds: Bounds, unique: bool = False
+) -> None:
     """Load POST /v1/generate over keep-alive HTTP/1.1, one connection per worker."""
+    if unique:
+        raise ValueError("--unique-prompts is only implemented for grpc")
     url = base_url.rstrip("/") + GENERATE_PATH
     body = json.dumps({"prompt": prompt}).encode("utf-8")
     headers = {"Content-Type": "application/json"}
@@ -168,11 +189,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="Maximum requests to send, the warm-up's included.",
     )
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="The prompt of every request.")
+    parser.add_argument(
+        "--unique-prompts",
+        action="store_true",
+        help="Append a number to --prompt that makes each request's prompt new, so every "
+        "request is a cache miss (grpc only).",
+    )
     return parser
 
 
 def main() -> int:
     arguments = build_parser().parse_args()
+    if arguments.unique_prompts and arguments.protocol != "grpc":
+        print("--unique-prompts is only implemented for grpc", file=sys.stderr)
+        return 2
     if arguments.concurrency < 1 or arguments.max_requests < 1 or arguments.duration <= 0:
         print(
             "--concurrency, --max-requests and --duration must be greater than 0, got "
@@ -183,7 +213,7 @@ def main() -> int:
     result = LoadResult(arguments.protocol, arguments.concurrency)
     load = load_grpc if arguments.protocol == "grpc" else load_http
     bounds = Bounds(arguments.duration, arguments.warmup, arguments.max_requests)
-    asyncio.run(load(arguments.target, arguments.prompt, result, bounds))
+    asyncio.run(load(arguments.target, arguments.prompt, result, bounds, arguments.unique_prompts))
     print(json.dumps(result.summary()))
     return 0
 
