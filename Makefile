@@ -69,8 +69,10 @@ test: $(STAMP) $(BUF) $(NODE_CLIENT) proto-deps browser
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The gateway's cache-hit throughput against direct gRPC, about three minutes.
-# Writes its results into bench/README.md. Not part of `make test`.
+# Generate against a bare gRPC server, the gateway against direct gRPC, Valkey
+# round trips, WatchActivity fan-out and limiter memory: about three minutes
+# (BENCH_ARGS=--quick: half a minute). Writes its results into bench/README.md.
+# Not part of `make test`.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 

@@ -18,8 +18,9 @@ Method, for N calls sent one at a time (one call in flight):
 The figures leave out what the benchmark and TokenFlow send outside
 Generate: the INFO that reads the counters (one read, not in its own
 commandstats), and the commands in NOT_GENERATE. TokenFlow's health check
-sends a PING every second, and a new connection sends its handshake; each of
-these is one read and one command, and the report shows how many there were.
+sends a PING every second, and a new connection sends its handshake. Each
+of these is one read and one command, and the report shows how many there
+were.
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ class CpuSnapshot:
 
 @dataclass(frozen=True)
 class CpuPlan:
-    """Which CPUs the processes under test and the load generators run on.
+    """The CPUs of the processes under test and of the load generators.
 
     None for both leaves every process free to run on any CPU.
     """
@@ -82,7 +82,7 @@ class CpuPlan:
     @classmethod
     def split(cls, pin: bool) -> CpuPlan:
         """Give the first half of this process's CPUs to the servers and the rest
-        to the load generators and Valkey; no pinning with fewer than two CPUs."""
+        to the load generators and Valkey. With fewer than two CPUs, pin nothing."""
         cpus = sorted(os.sched_getaffinity(0))
         if not pin or len(cpus) < 2:
             return cls(None, None)

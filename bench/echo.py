@@ -81,7 +81,11 @@ def main() -> int:
     arguments = build_parser().parse_args()
     response = pb.GenerateResponse.FromString(arguments.response_file.read_bytes())
     if not response.cached:
-        print(f"{arguments.response_file} holds no cache-hit response", file=sys.stderr)
+        print(
+            f"invalid --response-file {arguments.response_file}: expected a GenerateResponse "
+            "with cached set",
+            file=sys.stderr,
+        )
         return 2
     asyncio.run(serve(arguments.address, response))
     return 0

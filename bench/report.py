@@ -19,9 +19,9 @@ from bench.watch import FanOut
 README = Path(__file__).with_name("README.md")
 SECTION_START = "<!-- bench:results:start -->"
 SECTION_END = "<!-- bench:results:end -->"
-# Targets: the gateway keeps half of direct gRPC's throughput; Generate keeps
-# 0.65 of a bare gRPC server's at 64 calls in flight; one round trip to Valkey
-# for a cache hit and two for a miss; WatchActivity delivers within 100 ms.
+# Targets. The gateway keeps half of direct gRPC's throughput, and Generate
+# keeps 0.65 of a bare gRPC server's at 64 calls in flight. A cache hit costs
+# one round trip to Valkey and a miss two. WatchActivity delivers within 100 ms.
 TARGET_GATEWAY_RATIO = 0.5
 TARGET_ECHO_RATIO = 0.65
 TARGET_ECHO_LEVEL = 64
@@ -54,11 +54,11 @@ class Level:
     rounds: dict[str, list[dict[str, Any]]]
 
     def median(self, server: str) -> dict[str, Any]:
-        """The round of server with the median requests/s."""
+        """Return the round of server with the median requests/s."""
         return _median_round(self.rounds[server])
 
     def ratio(self, server: str, reference: str) -> float:
-        """The median over the rounds of server's requests/s divided by reference's."""
+        """Return the median over the rounds of server's requests/s divided by reference's."""
         return statistics.median(self.round_ratios(server, reference))
 
     def round_ratios(self, server: str, reference: str) -> list[float]:
@@ -266,12 +266,17 @@ def fan_out_summary(fan_out: FanOut) -> str:
     verdict = "met" if p99 < TARGET_WATCH_P99_MS else "not met"
     readers = fan_out.readers_during
     reader_verdict = "met" if readers == 1 else "not met"
+    watchers = int(fan_out.loaded["watchers"])
+    per_event_ms = fan_out.cpu_per_delivery_us * watchers / 1000
     return (
-        f"Valkey connections of `tokenflow serve` (CLIENT LIST, matched to the process's "
-        f"sockets): {fan_out.connections_before} before any watcher, "
-        f"{fan_out.connections_during} while {fan_out.loaded['watchers']:,} watchers "
-        f"received events, {readers} of them blocked in XREAD. Target of one reader "
-        f"connection: {reader_verdict}. Target p99 under {TARGET_WATCH_P99_MS} ms: {verdict}."
+        f"Events were sent at {fan_out.loaded['rate']:g} per second. The server used "
+        f"{fan_out.cpu_per_delivery_us:.0f} µs of CPU per delivery, so one event to "
+        f"{watchers:,} watchers cost it {per_event_ms:.0f} ms. Valkey connections of "
+        f"`tokenflow serve` (CLIENT LIST, matched to the process's sockets): "
+        f"{fan_out.connections_before} before any watcher, {fan_out.connections_during} "
+        f"while {watchers:,} watchers received events, {readers} of them blocked in XREAD. "
+        f"Target of one reader connection: {reader_verdict}. Target p99 under "
+        f"{TARGET_WATCH_P99_MS} ms: {verdict}."
     )
 
 

@@ -17,7 +17,7 @@ bounded in time and count. With two or more CPUs the servers are pinned to
 the first half of them and the load generators and Valkey to the rest.
 
     python -m bench.run                      # what `make bench` runs
-    python -m bench.run --quick --no-readme  # about a minute, prints the results
+    python -m bench.run --quick --no-readme  # about half a minute, prints the results
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LOAD_TIMEOUT_MARGIN_SECONDS = 30.0
 # Rate limits at which the limiter's memory is measured.
 MEMORY_LIMITS = (10, 1000)
-# What --quick changes, for a run of about a minute.
+# Settings that --quick replaces, for a run of about half a minute.
 QUICK = {
     "rounds": 1,
     "duration": 1.0,
@@ -122,7 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--watch-events",
         type=int,
         default=50,
-        help="Events sent to the watchers, 10 per second (default 50).",
+        help="Events sent to the watchers (default 50).",
+    )
+    parser.add_argument(
+        "--watch-rate",
+        type=float,
+        default=10.0,
+        help="Events sent to the watchers per second (default 10).",
     )
     parser.add_argument(
         "--memory-calls",
@@ -314,7 +320,8 @@ def measure_fan_out_phase(
     fan_out = measure_fan_out(
         tokenflow.grpc_target,
         lambda: valkey.connections_of(tokenflow.pid),
-        [f"--events={arguments.watch_events}", "--rate=10"],
+        tokenflow.cpu_seconds,
+        [f"--events={arguments.watch_events}", f"--rate={arguments.watch_rate}"],
         watchers=arguments.watchers,
         channels=max(1, arguments.watchers // 100),
         cpus=cpus,
@@ -398,7 +405,7 @@ def validate(arguments: Any) -> str | None:
     """Return what is wrong with the arguments, or None."""
     if arguments.rounds < 1:
         return f"invalid --rounds {arguments.rounds}: expected 1 or more"
-    for name in ("round_trip_calls", "watchers", "watch_events", "memory_calls"):
+    for name in ("round_trip_calls", "watchers", "watch_events", "watch_rate", "memory_calls"):
         if getattr(arguments, name) < 1:
             flag = "--" + name.replace("_", "-")
             return f"invalid {flag} {getattr(arguments, name)}: expected 1 or more"

@@ -115,7 +115,7 @@ class TokenFlow:
 
     @property
     def pid(self) -> int:
-        """The process id of `tokenflow serve`, the process that holds the Valkey connections."""
+        """The process id of `tokenflow serve`, which owns the Valkey connections."""
         return self.processes[0].pid
 
     def cpu_seconds(self) -> float:

@@ -4,7 +4,7 @@ Opens --watchers WatchActivity streams over --channels gRPC connections and
 waits until the server has subscribed each of them. Then it prints a line
 "ready N" and waits for a line on standard input, so that the benchmark can
 count the server's Valkey connections. Then it sends --events Generate
-calls, --rate per second; each call adds one event to the activity stream,
+calls, --rate per second. Each call adds one event to the activity stream,
 and every watcher should receive each event once.
 
 The delivery latency of an event at a watcher is the time the watcher read
@@ -197,7 +197,8 @@ class FanOut:
     """One watcher (the reference) and many, with the server's Valkey connections.
 
     connections_*: connections of the server process in CLIENT LIST; readers_during:
-    how many of them ran XREAD while the watchers received events.
+    how many of them ran XREAD while the watchers received events;
+    server_cpu_seconds: the server's CPU time during the run with many watchers.
     """
 
     reference: dict[str, Any]
@@ -205,11 +206,19 @@ class FanOut:
     connections_before: int
     connections_during: int
     readers_during: int
+    server_cpu_seconds: float
+
+    @property
+    def cpu_per_delivery_us(self) -> float:
+        """The server's CPU time per event delivered to one watcher, in microseconds."""
+        deliveries = int(self.loaded["deliveries"])
+        return 1e6 * self.server_cpu_seconds / deliveries if deliveries else 0.0
 
 
 def measure_fan_out(
     target: str,
     connections: Callable[[], list[dict[str, Any]]],
+    server_cpu: Callable[[], float],
     options: list[str],
     watchers: int,
     channels: int,
@@ -218,13 +227,16 @@ def measure_fan_out(
 ) -> FanOut:
     """Run bench.watch with reference_watchers and then watchers, counting connections.
 
-    connections() returns the server's entries of Valkey's CLIENT LIST.
+    connections() returns the server's entries of Valkey's CLIENT LIST, and
+    server_cpu() the server's CPU time in seconds.
     """
     before = len(connections())
     reference, _ = run_watch_process(target, reference_watchers, 1, options, connections, cpus)
+    cpu_before = server_cpu()
     loaded, during = run_watch_process(target, watchers, channels, options, connections, cpus)
+    cpu_seconds = server_cpu() - cpu_before
     readers = sum(1 for client in during if str(client.get("cmd", "")) == "xread")
-    return FanOut(reference, loaded, before, len(during), readers)
+    return FanOut(reference, loaded, before, len(during), readers, cpu_seconds)
 
 
 def run_watch_process(
