@@ -316,3 +316,23 @@ async def test_memory_backend_keeps_redis_py_scripts(start_server: Any) -> None:
 
     assert running.core.scripts.pipeline is None
     assert reply.response.response
+
+
+def test_pipeline_runs_on_uvloop(valkey: ValkeyServer) -> None:
+    uvloop = pytest.importorskip("uvloop")
+
+    async def exchange() -> list[str]:
+        pipeline = AutoPipeline(endpoint_of(valkey))
+        try:
+            replies = await asyncio.wait_for(
+                asyncio.gather(*(pipeline.execute_command("ECHO", f"u{i}") for i in range(5))),
+                TIMEOUT_SECONDS * 5,
+            )
+        finally:
+            await pipeline.close()
+        return list(replies)
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        replies = runner.run(exchange())
+
+    assert replies == [f"u{i}" for i in range(5)]

@@ -37,7 +37,7 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import hiredis
 import redis.asyncio as redis_asyncio
@@ -165,6 +165,14 @@ class AutoPipeline:
             failed, self._queue = self._queue, []
             _fail(failed, functools.partial(_copy_error, error))
             return
+        except Exception as error:
+            # A bug here must not leave the queued callers waiting forever.
+            logger.exception("connecting to Valkey at %s failed", self.endpoint.address)
+            self._connecting = None
+            failed, self._queue = self._queue, []
+            message = f"could not connect to Valkey at {self.endpoint.address}: {error!r}"
+            _fail(failed, functools.partial(RedisConnectionError, message))
+            return
         except BaseException:
             self._connecting = None
             raise
@@ -249,8 +257,8 @@ class _Connection(asyncio.Protocol):
             self._transport.close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's transports have asyncio.Transport's methods without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
