@@ -70,10 +70,11 @@ test: $(STAMP) $(BUF) $(NODE_CLIENT) proto-deps browser
 	$(BIN)/mypy
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-# The gateway's cache-hit throughput against direct gRPC (about three
-# minutes), then Generate cache hits with 1, 2 and 4 workers against a bare
-# gRPC server (about three minutes). Each writes its results into
-# bench/README.md. Not part of `make test`.
+# Generate against a bare gRPC server, the gateway against direct gRPC, Valkey
+# round trips, WatchActivity fan-out and limiter memory (about three minutes;
+# BENCH_ARGS=--quick: half a minute), then Generate cache hits with 1, 2 and 4
+# workers against a bare gRPC server (about three minutes). Each writes its
+# results into bench/README.md. Not part of `make test`.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.workers $(BENCH_WORKERS_ARGS)

@@ -1,10 +1,13 @@
-"""CPU time from /proc and getrusage: per process, and the machine's other load."""
+"""CPU time from /proc and getrusage (per process, and the machine's other
+load), and the CPUs the benchmark's processes are pinned to."""
 
 from __future__ import annotations
 
 import os
 import resource
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,3 +67,51 @@ class CpuSnapshot:
         other = (self.machine_busy - before.machine_busy) - (self.own - before.own)
         steal = self.machine_steal - before.machine_steal
         return Background(max(0.0, other) / elapsed, steal / elapsed)
+
+
+@dataclass(frozen=True)
+class CpuPlan:
+    """The CPUs of the processes under test and of the load generators.
+
+    None for both leaves every process free to run on any CPU.
+    """
+
+    servers: frozenset[int] | None
+    load: frozenset[int] | None
+
+    @classmethod
+    def split(cls, pin: bool) -> CpuPlan:
+        """Give the first half of this process's CPUs to the servers and the rest
+        to the load generators and Valkey. With fewer than two CPUs, pin nothing."""
+        cpus = sorted(os.sched_getaffinity(0))
+        if not pin or len(cpus) < 2:
+            return cls(None, None)
+        half = len(cpus) // 2
+        return cls(frozenset(cpus[:half]), frozenset(cpus[half:]))
+
+    def describe(self) -> str:
+        if self.servers is None or self.load is None:
+            return "not pinned: every process may run on any CPU"
+        return (
+            f"TokenFlow and the echo server on CPU {_cpu_list(self.servers)}; the load "
+            f"generators and Valkey on CPU {_cpu_list(self.load)}"
+        )
+
+
+def _cpu_list(cpus: frozenset[int]) -> str:
+    return ",".join(str(cpu) for cpu in sorted(cpus))
+
+
+@contextmanager
+def affinity(cpus: frozenset[int] | None) -> Iterator[None]:
+    """Run the block with this thread pinned to cpus, so that the processes it
+    starts inherit them; restore the thread's CPUs afterwards."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)

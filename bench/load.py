@@ -5,6 +5,9 @@ response, and send again, until `--duration` seconds have passed after the
 warm-up or `--max-requests` requests have been sent. Requests started during
 the warm-up are sent but not measured. The result is one JSON object on stdout.
 
+With --unique-prompts every request has a prompt of its own, so every
+request is a cache miss.
+
     python -m bench.load grpc 127.0.0.1:50051 --concurrency 16
     python -m bench.load grpc 127.0.0.1:50051 --concurrency 16 --connections 16
     python -m bench.load http http://127.0.0.1:8080 --concurrency 16
@@ -19,7 +22,8 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import aiohttp
@@ -29,11 +33,10 @@ from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
 
 DEFAULT_PROMPT = "What is a sliding window rate limiter?"
+# A channel option that gives each channel its own TCP connection.
+OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
 GENERATE_PATH = "/v1/generate"
 REQUEST_TIMEOUT_SECONDS = 10.0
-# A channel with its own subchannel pool opens its own TCP connection instead
-# of sharing one with every channel to the same target.
-OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
 
 # What one request returned: a cache hit, a response that was not a cache hit,
 # or an error (a non-OK status, an HTTP status other than 200, or a timeout).
@@ -116,8 +119,22 @@ async def run_load(send: Send, result: LoadResult, bounds: Bounds) -> None:
     result.seconds = max(0.0, ended - measure_from)
 
 
+def unique_prompts(prompt: str) -> Iterator[str]:
+    """Yield prompt followed by a number, never the same text twice in any run."""
+    run = uuid.uuid4().hex[:12]
+    number = 0
+    while True:
+        number += 1
+        yield f"{prompt} [{run}-{number}]"
+
+
 async def load_grpc(
-    target: str, prompt: str, result: LoadResult, bounds: Bounds, connections: int = 1
+    target: str,
+    prompt: str,
+    result: LoadResult,
+    bounds: Bounds,
+    unique: bool = False,
+    connections: int = 1,
 ) -> None:
     """Load Generate over grpc.aio channels, each multiplexing its calls over one
     HTTP/2 connection. Calls take the channels in turn."""
@@ -125,13 +142,14 @@ async def load_grpc(
         grpc.aio.insecure_channel(target, options=OWN_CONNECTION) for _ in range(connections)
     ]
     try:
-        stubs = [pb_grpc.TokenFlowServiceStub(channel) for channel in channels]
-        turns = itertools.cycle(stubs)
+        turns = itertools.cycle([pb_grpc.TokenFlowServiceStub(channel) for channel in channels])
         request = pb.GenerateRequest(prompt=prompt)
+        prompts = unique_prompts(prompt)
 
         async def send() -> str:
+            message = pb.GenerateRequest(prompt=next(prompts)) if unique else request
             try:
-                response = await next(turns).Generate(request, timeout=REQUEST_TIMEOUT_SECONDS)
+                response = await next(turns).Generate(message, timeout=REQUEST_TIMEOUT_SECONDS)
             except grpc.aio.AioRpcError:
                 return ERROR
             return HIT if response.cached else MISS
@@ -142,8 +160,12 @@ async def load_grpc(
             await channel.close()
 
 
-async def load_http(base_url: str, prompt: str, result: LoadResult, bounds: Bounds) -> None:
+async def load_http(
+    base_url: str, prompt: str, result: LoadResult, bounds: Bounds, unique: bool = False
+) -> None:
     """Load POST /v1/generate over keep-alive HTTP/1.1, one connection per worker."""
+    if unique:
+        raise ValueError("--unique-prompts is only implemented for grpc")
     url = base_url.rstrip("/") + GENERATE_PATH
     body = json.dumps({"prompt": prompt}).encode("utf-8")
     headers = {"Content-Type": "application/json"}
@@ -190,11 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="gRPC only: channels, each with its own TCP connection (default 1). "
         "HTTP uses one connection per request in flight.",
     )
+    parser.add_argument(
+        "--unique-prompts",
+        action="store_true",
+        help="Append a number to --prompt that makes each request's prompt new, so every "
+        "request is a cache miss (grpc only).",
+    )
     return parser
 
 
 def main() -> int:
     arguments = build_parser().parse_args()
+    if arguments.unique_prompts and arguments.protocol != "grpc":
+        print("--unique-prompts is only implemented for grpc", file=sys.stderr)
+        return 2
     if (
         arguments.concurrency < 1
         or arguments.max_requests < 1
@@ -210,11 +241,11 @@ def main() -> int:
         return 2
     result = LoadResult(arguments.protocol, arguments.concurrency)
     bounds = Bounds(arguments.duration, arguments.warmup, arguments.max_requests)
+    target, prompt, unique = arguments.target, arguments.prompt, arguments.unique_prompts
     if arguments.protocol == "grpc":
-        load = load_grpc(arguments.target, arguments.prompt, result, bounds, arguments.connections)
+        asyncio.run(load_grpc(target, prompt, result, bounds, unique, arguments.connections))
     else:
-        load = load_http(arguments.target, arguments.prompt, result, bounds)
-    asyncio.run(load)
+        asyncio.run(load_http(target, prompt, result, bounds, unique))
     print(json.dumps(result.summary()))
     return 0
 

@@ -34,7 +34,7 @@ from bench.cpu import CpuSnapshot
 from bench.load import DEFAULT_PROMPT
 from bench.report import machine_description, update_readme
 from bench.run import LOAD_TIMEOUT_MARGIN_SECONDS, ROOT, parse_levels, warm_cache
-from bench.server import TokenFlow, running_echo, running_valkey, running_workers
+from bench.server import Echo, TokenFlow, running_echo, running_valkey, running_workers
 from tokenflow_grpc.settings import MAX_RATE_LIMIT
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
@@ -97,7 +97,7 @@ def record_cache_hit(target: str) -> bytes:
     return serialized
 
 
-def run_load(server: TokenFlow, concurrency: int, arguments: Any) -> dict[str, Any]:
+def run_load(server: TokenFlow | Echo, concurrency: int, arguments: Any) -> dict[str, Any]:
     """Run one `bench.load grpc` process and return its result, with the server's CPU time."""
     command = [
         sys.executable,
@@ -142,7 +142,7 @@ def measure(
     with ExitStack() as stack:
         log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tokenflow-bench-")))
         valkey = stack.enter_context(running_valkey())
-        servers: dict[str, TokenFlow] = {}
+        servers: dict[str, TokenFlow | Echo] = {}
         for count in counts:
             pool = stack.enter_context(running_workers(valkey.url, count, rate_limit, log_dir))
             warm_cache(pool.grpc_target)

@@ -105,6 +105,7 @@ class TokenFlow:
 
     async def close(self) -> None:
         await self.hub.close()
+        await self.scripts.close()
 
     async def generate(
         self,

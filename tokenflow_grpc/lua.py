@@ -2,7 +2,10 @@
 
 Each script runs with EVALSHA, and after a NOSCRIPT reply (a restarted
 Valkey, a cluster node that never ran it, a promoted replica) once with EVAL,
-which caches it on that server again.
+which caches it on that server again. On a plain TCP or Unix-socket
+connection to one Valkey, the scripts go through one AutoPipeline per client,
+so the scripts of concurrent calls share a connection and a socket write.
+Other clients (TLS, fakeredis, Valkey Cluster) send them through redis-py.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
+from tokenflow_grpc.autopipeline import AutoPipeline
 from tokenflow_grpc.metrics import valkey_timer
 
 COMMON = "_common.lua"
@@ -38,11 +42,12 @@ class Script:
     """
 
     def __init__(self, redis: Any, source: str, name: str) -> None:
-        """name: the operation label of the script's Valkey latency metric."""
+        """redis: a redis-py client or an AutoPipeline; name: the operation label
+        of the script's Valkey latency metric."""
         self.redis = redis
         self.source = source
         self.name = name
-        self.sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
+        self.sha = hashlib.sha1(source.encode("utf-8"), usedforsecurity=False).hexdigest()
 
     async def __call__(self, keys: Sequence[str] = (), args: Sequence[Any] = ()) -> Any:
         """Run the script and return its reply.
@@ -52,14 +57,21 @@ class Script:
         """
         with valkey_timer(self.name):
             try:
-                return await self.redis.evalsha(self.sha, len(keys), *keys, *args)
+                return await self.redis.execute_command(
+                    "EVALSHA", self.sha, len(keys), *keys, *args
+                )
             except NoScriptError:
-                return await self.redis.eval(self.source, len(keys), *keys, *args)
+                return await self.redis.execute_command(
+                    "EVAL", self.source, len(keys), *keys, *args
+                )
 
 
 @dataclass(frozen=True)
 class Scripts:
-    """The registered scripts of one Valkey client."""
+    """The registered scripts of one Valkey client.
+
+    pipeline is the AutoPipeline they share, or None when they use redis-py.
+    """
 
     begin_generate: Script
     limit_generate: Script
@@ -67,10 +79,14 @@ class Scripts:
     complete_generate: Script
     release_lock: Script
     extend_lock: Script
+    pipeline: AutoPipeline | None = None
 
     @classmethod
     def register(cls, redis: Any) -> Scripts:
         """Bind every script to redis; nothing is sent until a script first runs."""
+        pipeline = AutoPipeline.for_client(redis)
+        if pipeline is not None:
+            redis = pipeline
         return cls(
             begin_generate=Script(redis, read_script("begin_generate.lua"), "begin_generate"),
             limit_generate=Script(redis, read_script("limit_generate.lua"), "limit_generate"),
@@ -84,4 +100,10 @@ class Scripts:
             extend_lock=Script(
                 redis, read_script("extend_lock.lua", with_common=False), "extend_lock"
             ),
+            pipeline=pipeline,
         )
+
+    async def close(self) -> None:
+        """Close the pipeline's connection, if there is one."""
+        if self.pipeline is not None:
+            await self.pipeline.close()
