@@ -28,6 +28,7 @@ GRPC_LINE = re.compile(r"serving gRPC on (\S+)")
 HTTP_LINE = re.compile(r"serving HTTP on (http://\S+)")
 ECHO_LINE = re.compile(re.escape(READY_LINE.format(address="")) + r"(\S+)")
 START_TIMEOUT_SECONDS = 30.0
+BENCH_WATCHERS_PER_CLIENT = 10_000
 # `tokenflow serve` drains calls for up to 10 s after SIGTERM.
 STOP_TIMEOUT_SECONDS = 20.0
 
@@ -170,6 +171,8 @@ def running_tokenflow(
         "--http-address=127.0.0.1:0",
         f"--rate-limit={rate_limit}",
         f"--log-level={log_level}",
+        # The fan-out measurement opens its 1,000 watchers as one client.
+        f"--max-watchers-per-client={BENCH_WATCHERS_PER_CLIENT}",
     ]
     if separate_gateway or not gateway:
         serve.append("--no-gateway")
