@@ -82,7 +82,7 @@ class Running:
 
     server: TokenFlowServer
     client: AsyncTokenFlowClient
-    generator: CountingGenerator
+    generator: Any
     settings: Settings
     channels: list[grpc.aio.Channel] = field(default_factory=list)
 
@@ -167,12 +167,14 @@ async def start_server() -> AsyncIterator[Any]:
         **overrides: Any,
     ) -> Running:
         settings = make_settings(valkey_url, **overrides)
-        generator = generator or CountingGenerator()
+        # With upstream_url set and no generator, the server builds its upstream generator.
+        if generator is None and not settings.upstream_url:
+            generator = CountingGenerator()
         extra = {"clock": clock} if clock is not None else {}
         server = TokenFlowServer(settings, generator=generator, **extra)
         await server.start()
         client = AsyncTokenFlowClient(f"127.0.0.1:{server.port}")
-        running = Running(server, client, generator, settings)
+        running = Running(server, client, server.core.generator, settings)
         started.append(running)
         return running
 

@@ -106,6 +106,21 @@ async def test_waiters_take_over_after_generator_failure(
     assert figures["hits"] == 3
 
 
+async def test_simulated_stream_fills_cache(running: Running) -> None:
+    stub = pb_grpc.TokenFlowServiceStub(running.channel())
+    call = stub.GenerateStream(pb.GenerateStreamRequest(prompt="stream on every backend"))
+    streamed = [message async for message in call]
+    reply = await running.client.generate("stream on every backend")
+
+    text = "".join(message.delta for message in streamed)
+    assert len(streamed) > 2
+    assert reply.response.cached is True
+    assert reply.response.response == text
+    assert reply.response.usage == streamed[-1].usage
+    assert streamed[-1].usage.completion_tokens == len(text.split())
+    assert len(running.generator.requests) == 1
+
+
 async def test_skip_cache_bypasses_entry(running: Running) -> None:
     await running.client.generate("bypass me")
     bypassed = await running.client.generate("bypass me", skip_cache=True)
