@@ -93,8 +93,9 @@ class GenerateOptions:
     """The per-call options of Generate and GenerateStream.
 
     limit replaces settings.rate_limit for this client (an API key's own
-    limit); cache_ttl (seconds) replaces settings.cache_ttl for the entry this
-    call writes; timeout is the time left until the call's deadline, in seconds.
+    limit). cache_ttl, in seconds, replaces settings.cache_ttl for the entry
+    this call writes. timeout is the time left until the call's deadline, in
+    seconds.
     """
 
     namespace: str = NAMESPACE_CLIENT

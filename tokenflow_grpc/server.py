@@ -447,6 +447,11 @@ class TokenFlowServer:
         if not settings.upstream_url:
             return SimulatedGenerator(settings.generator_latency)
         self._upstream = UpstreamGenerator.from_settings(settings)
+        logger.info(
+            "generating with the upstream %s (key from $%s)",
+            redact(self._upstream.url),
+            settings.upstream_api_key_env,
+        )
         return self._upstream
 
     @staticmethod

@@ -9,10 +9,10 @@ error. A stream is retried only until its response headers arrive, because
 its text goes to the caller as it comes.
 
 Errors become GeneratorError subclasses, which tokenflow_grpc.status maps to
-gRPC codes: GeneratorTimeoutError (DEADLINE_EXCEEDED) when an attempt or the
-deadline runs out, UpstreamRejectedError (INVALID_ARGUMENT) for HTTP 400, 404,
-413 and 422, UpstreamRefusedError (FAILED_PRECONDITION) for 401, 403 and other
-4xx, and GeneratorError (UNAVAILABLE) for the rest.
+gRPC codes. An attempt or a deadline that runs out is GeneratorTimeoutError
+(DEADLINE_EXCEEDED). HTTP 400, 404, 413 and 422 are UpstreamRejectedError
+(INVALID_ARGUMENT), and 401, 403 and other 4xx UpstreamRefusedError
+(FAILED_PRECONDITION). The rest is GeneratorError (UNAVAILABLE).
 """
 
 from __future__ import annotations
@@ -54,10 +54,11 @@ MAX_ERROR_BODY_BYTES = 4096
 class UpstreamGenerator:
     """Generates text with an OpenAI-compatible chat-completions endpoint.
 
-    base_url: the URL that /chat/completions is appended to; api_key: sent as
-    a Bearer token when not empty, never logged; model_map: TokenFlow model
-    name to upstream model name; attempt_timeout: longest wait for one
-    attempt, or for a stream's headers and each of its chunks, in seconds.
+    base_url is the URL that /chat/completions is appended to. api_key is
+    sent as a Bearer token when not empty, and never logged. model_map maps
+    TokenFlow model names to upstream model names. attempt_timeout is the
+    max wait in seconds for one attempt's headers, then for its body or for
+    each chunk of a stream.
     """
 
     def __init__(
@@ -128,12 +129,14 @@ class UpstreamGenerator:
             except TimeoutError as error:
                 raise self._timeout_error(deadline) from error
             except (aiohttp.ClientError, ValueError) as error:
-                raise GeneratorError(f"the upstream sent an unreadable answer: {error}") from error
+                message = f"the upstream sent an unreadable response: {error}"
+                raise GeneratorError(message) from error
 
         try:
             text = data["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError) as error:
-            raise GeneratorError("the upstream answer has no choices[0].message.content") from error
+            message = "the upstream response has no choices[0].message.content"
+            raise GeneratorError(message) from error
         usage = _usage(data.get("usage")) or estimate_usage(request.prompt, text)
         return Generation(str(text), usage)
 
@@ -250,9 +253,9 @@ class UpstreamGenerator:
 
     def _timeout_error(self, deadline: float) -> GeneratorTimeoutError:
         if time.monotonic() >= deadline - 0.001:
-            return GeneratorTimeoutError("the upstream did not answer before the call's deadline")
+            return GeneratorTimeoutError("the upstream did not respond before the call's deadline")
         return GeneratorTimeoutError(
-            f"the upstream did not answer within {self.attempt_timeout:g} s (--upstream-timeout)"
+            f"the upstream did not respond within {self.attempt_timeout:g} s (--upstream-timeout)"
         )
 
     def _session_for_loop(self) -> aiohttp.ClientSession:
