@@ -17,7 +17,7 @@ import pytest
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from tests.conftest import Running, RunningGateway
+from tests.conftest import Running, RunningGateway, make_settings
 from tests.fake_openai import FakeOpenAI, Reply
 from tokenflow_grpc.apikeys import ApiKey, entry_toml, hash_secret, new_secret
 from tokenflow_grpc.server import CACHE_KEY_METADATA_KEY
@@ -276,9 +276,7 @@ async def test_unreachable_upstream_is_unavailable(
     assert "could not reach the upstream" in (error.details() or "")
 
 
-def test_key_not_sent_when_variable_unset(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.conftest import make_settings
-
+def test_key_not_sent_when_variable_unset() -> None:
     settings = make_settings("memory://unused", upstream_url="http://127.0.0.1:9/v1")
     generator = UpstreamGenerator.from_settings(settings, environ={})
 
