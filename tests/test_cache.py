@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import CountingGenerator, Running
 from tokenflow_grpc.cache import cache_key
 from tokenflow_grpc.core import LOCK_LEASE_SECONDS
-from tokenflow_grpc.generator import GenerationRequest
+from tokenflow_grpc.generator import Generation, GenerationRequest, Usage
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
 
@@ -82,12 +82,12 @@ async def test_waiters_take_over_after_generator_failure(
     start_server: Any, valkey_url: str
 ) -> None:
     class FailingOnce(CountingGenerator):
-        async def generate(self, request: GenerationRequest) -> str:
+        async def generate(self, request: GenerationRequest, deadline: float) -> Generation:
             self.requests.append(request)
             if len(self.requests) == 1:
                 await asyncio.sleep(0.1)
                 raise RuntimeError("upstream broke")
-            return "second attempt"
+            return Generation("second attempt", Usage(1, 2, 3))
 
     running = await start_server(valkey_url, generator=FailingOnce(), rate_limit=100)
     stub = pb_grpc.TokenFlowServiceStub(running.channel())
@@ -104,6 +104,21 @@ async def test_waiters_take_over_after_generator_failure(
     figures = await counters(running)
     assert figures["misses"] == 2
     assert figures["hits"] == 3
+
+
+async def test_simulated_stream_fills_cache(running: Running) -> None:
+    stub = pb_grpc.TokenFlowServiceStub(running.channel())
+    call = stub.GenerateStream(pb.GenerateStreamRequest(prompt="stream on every backend"))
+    streamed = [message async for message in call]
+    reply = await running.client.generate("stream on every backend")
+
+    text = "".join(message.delta for message in streamed)
+    assert len(streamed) > 2
+    assert reply.response.cached is True
+    assert reply.response.response == text
+    assert reply.response.usage == streamed[-1].usage
+    assert streamed[-1].usage.completion_tokens == len(text.split())
+    assert len(running.generator.requests) == 1
 
 
 async def test_skip_cache_bypasses_entry(running: Running) -> None:

@@ -48,8 +48,9 @@ EXPECTED_ROUTES = {
     "/v1/simulate": {"post"},
     "/api/simulate": {"post"},
     "/v1/activity:watch": {"get"},
+    "/v1/generate:stream": {"post"},
 }
-GENERATE_FIELDS = {"response", "cached", "model", "rateLimit", "cacheKey"}
+GENERATE_FIELDS = {"response", "cached", "model", "rateLimit", "cacheKey", "usage"}
 RATE_LIMIT_FIELDS = {"limit", "remaining", "resetAt", "window"}
 STATS_FIELDS = {
     "connected",

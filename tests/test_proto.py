@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from google.api import annotations_pb2
@@ -60,6 +61,7 @@ def http_rules(method: str) -> list[tuple[str, str, str]]:
         ("GetStats", [("get", "/v1/stats", ""), ("get", "/api/stats", "")]),
         ("Simulate", [("post", "/v1/simulate", "*"), ("post", "/api/simulate", "*")]),
         ("WatchActivity", [("get", "/v1/activity:watch", "")]),
+        ("GenerateStream", [("post", "/v1/generate:stream", "*")]),
     ],
 )
 def test_http_routes(method: str, expected: list[tuple[str, str, str]]) -> None:
@@ -71,3 +73,10 @@ def test_watch_is_server_streaming() -> None:
 
     assert method.server_streaming is True
     assert method.client_streaming is False
+
+
+def test_stream_request_matches_generate_request() -> None:
+    def fields(message: Any) -> list[tuple[str, int, int]]:
+        return [(f.name, f.number, f.type) for f in message.DESCRIPTOR.fields]
+
+    assert fields(pb.GenerateStreamRequest) == fields(pb.GenerateRequest)

@@ -91,6 +91,7 @@ async def test_reflection_lists_and_describes(running_valkey: Running, version: 
     assert tokenflow_proto.name == "tokenflow/v1/tokenflow.proto"
     assert [method.name for method in tokenflow_proto.service[0].method] == [
         "Generate",
+        "GenerateStream",
         "GetStats",
         "Simulate",
         "WatchActivity",

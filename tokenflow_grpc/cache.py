@@ -1,8 +1,8 @@
-"""Response cache keys and in-process single flight.
+"""Response cache keys, cache entries and in-process single flight.
 
-The cache key is the SHA-256 of the canonical request: the prompt, the
-resolved model and every generation parameter, so requests that differ in any
-of them never share an answer.
+The cache key is the SHA-256 of the canonical request: the cache namespace,
+the prompt, the resolved model and every generation parameter, so requests
+that differ in any of them never share an answer.
 """
 
 from __future__ import annotations
@@ -11,15 +11,19 @@ import asyncio
 import hashlib
 import json
 
-from tokenflow_grpc.generator import GenerationRequest
+from tokenflow_grpc.generator import Generation, GenerationRequest, Usage, estimate_usage
+
+# The cache namespace of calls made without an API key.
+DEFAULT_CACHE_NAMESPACE = "default"
 
 
-def cache_key(request: GenerationRequest) -> str:
-    """Return the hex SHA-256 of the request's canonical JSON form."""
+def cache_key(request: GenerationRequest, namespace: str = DEFAULT_CACHE_NAMESPACE) -> str:
+    """Return the hex SHA-256 of the canonical JSON form of request in namespace."""
     canonical = json.dumps(
         {
             "max_tokens": request.max_tokens,
             "model": request.model,
+            "namespace": namespace,
             "prompt": request.prompt,
             "temperature": request.temperature,
         },
@@ -28,6 +32,36 @@ def cache_key(request: GenerationRequest) -> str:
         ensure_ascii=False,
     )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def encode_entry(generation: Generation) -> str:
+    """Return the cache entry of an answer: JSON with its text and token counts."""
+    usage = generation.usage
+    return json.dumps(
+        {
+            "text": generation.text,
+            "usage": [usage.prompt_tokens, usage.completion_tokens, usage.total_tokens],
+        },
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+
+
+def decode_entry(entry: str, request: GenerationRequest) -> Generation:
+    """Return the answer stored in a cache entry.
+
+    An entry that is not encode_entry's JSON is plain text, the form that
+    earlier versions stored, and gets estimated token counts.
+    """
+    try:
+        fields = json.loads(entry)
+        prompt_tokens, completion_tokens, total_tokens = fields["usage"]
+        return Generation(
+            str(fields["text"]),
+            Usage(int(prompt_tokens), int(completion_tokens), int(total_tokens)),
+        )
+    except (ValueError, TypeError, KeyError):
+        return Generation(entry, estimate_usage(request.prompt, entry))
 
 
 class InFlight:

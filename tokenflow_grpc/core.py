@@ -4,19 +4,38 @@ stats, Simulate and activity. No gRPC or HTTP types appear here."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import RedisError
 
 from tokenflow_grpc.activity import ActivityHub
-from tokenflow_grpc.cache import InFlight, cache_key
-from tokenflow_grpc.errors import BackendUnavailableError, GeneratorError, RateLimitedError
-from tokenflow_grpc.generator import GenerationRequest, Generator
+from tokenflow_grpc.cache import (
+    DEFAULT_CACHE_NAMESPACE,
+    InFlight,
+    cache_key,
+    decode_entry,
+    encode_entry,
+)
+from tokenflow_grpc.errors import (
+    BackendUnavailableError,
+    GeneratorError,
+    GeneratorTimeoutError,
+    RateLimitedError,
+)
+from tokenflow_grpc.generator import (
+    Chunk,
+    Generation,
+    GenerationRequest,
+    Generator,
+    Usage,
+    estimate_usage,
+)
 from tokenflow_grpc.keys import NAMESPACE_CLIENT, key_space
 from tokenflow_grpc.limiter import Decision
 from tokenflow_grpc.logs import RepeatLimiter
@@ -27,7 +46,10 @@ from tokenflow_grpc.rounds import (
     OUTCOME_MISS,
     OUTCOME_REJECTED,
     OUTCOME_SKIPPED,
+    OUTCOME_WAIT,
+    Begun,
     Call,
+    Claimed,
     rounds_for,
 )
 from tokenflow_grpc.rounds_metrics import CountedRounds
@@ -63,6 +85,25 @@ class GenerateResult:
     cache_key: str
     decision: Decision | None
     event_id: str | None = None
+    usage: Usage = Usage()
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """The per-call options of Generate and GenerateStream.
+
+    limit replaces settings.rate_limit for this client (an API key's own
+    limit). cache_ttl, in seconds, replaces settings.cache_ttl for the entry
+    this call writes. timeout is the time left until the call's deadline, in
+    seconds.
+    """
+
+    namespace: str = NAMESPACE_CLIENT
+    skip_cache: bool = False
+    limit: int | None = None
+    cache_ttl: int | None = None
+    cache_namespace: str = DEFAULT_CACHE_NAMESPACE
+    timeout: float | None = None
 
 
 class TokenFlow:
@@ -108,34 +149,88 @@ class TokenFlow:
         await self.scripts.close()
 
     async def generate(
-        self,
-        request: GenerationRequest,
-        client: str,
-        namespace: str = NAMESPACE_CLIENT,
-        skip_cache: bool = False,
-        limit: int | None = None,
+        self, request: GenerationRequest, client: str, options: GenerateOptions = GenerateOptions()
     ) -> GenerateResult:
         """Rate limit the call, then return the response from the cache or the generator.
-
-        limit replaces settings.rate_limit for this client (an API key's own limit).
 
         Raises RateLimitedError when the client is over its limit,
         BackendUnavailableError when Valkey cannot be reached and the policy
         is deny, and GeneratorError when the generator fails.
         """
-        key = cache_key(request)
-        limit = limit or self.settings.rate_limit
-        call = Call(
-            request, client, namespace, key, uuid.uuid4().hex, skip_cache, self.now_ms(), limit
-        )
+        call, deadline = self._call(request, client, options)
         try:
             begun = await self.rounds.begin(call)
         except (RedisError, OSError) as error:
-            return await self._answer_without_valkey(request, key, error)
+            self._check_fail_open(error)
+            generation = await self._call_generator(request, deadline)
+            return self._result(call, generation, False, None, None)
 
+        decision = self._decision(call, begun)
+        claimed = await self._resolve_wait(call, begun)
+        if claimed.outcome == OUTCOME_HIT:
+            cached = decode_entry(claimed.cached_text or "", request)
+            return self._result(call, cached, True, decision, claimed.event_id)
+        if claimed.outcome == OUTCOME_MISS:
+            ttl = options.cache_ttl or self.settings.cache_ttl
+            generation = await self._generate_and_store(call, ttl, deadline)
+        else:
+            generation = await self._call_generator(request, deadline)
+        return self._result(call, generation, False, decision, claimed.event_id)
+
+    async def open_stream(
+        self, request: GenerationRequest, client: str, options: GenerateOptions = GenerateOptions()
+    ) -> GenerationStream:
+        """Rate limit the call and claim its cache entry, then return its stream.
+
+        The rounds run before this returns, so the caller has the decision
+        before the first chunk. A call that finds an identical call
+        generating waits here for it and then streams the cached answer.
+        Raises as generate() does; the stream raises GeneratorError.
+        """
+        call, deadline = self._call(request, client, options)
+        try:
+            begun = await self.rounds.begin(call)
+        except (RedisError, OSError) as error:
+            self._check_fail_open(error)
+            return GenerationStream(call, None, False, self._relay(request, deadline))
+
+        decision = self._decision(call, begun)
+        claimed = await self._resolve_wait(call, begun)
+        if claimed.outcome == OUTCOME_HIT:
+            cached = decode_entry(claimed.cached_text or "", request)
+            chunks = _replay(cached)
+            return GenerationStream(call, decision, True, chunks, claimed.event_id)
+        if claimed.outcome == OUTCOME_MISS:
+            ttl = options.cache_ttl or self.settings.cache_ttl
+            chunks = self._stream_and_store(call, ttl, deadline)
+        else:
+            chunks = self._relay(request, deadline)
+        return GenerationStream(call, decision, False, chunks, claimed.event_id)
+
+    def _call(
+        self, request: GenerationRequest, client: str, options: GenerateOptions
+    ) -> tuple[Call, float]:
+        """Return the call's Call and its deadline in time.monotonic() seconds."""
+        call = Call(
+            request,
+            client,
+            options.namespace,
+            cache_key(request, options.cache_namespace),
+            uuid.uuid4().hex,
+            options.skip_cache,
+            self.now_ms(),
+            options.limit or self.settings.rate_limit,
+        )
+        timeout = self.settings.generator_timeout
+        if options.timeout is not None:
+            timeout = min(timeout, options.timeout)
+        return call, time.monotonic() + timeout
+
+    def _decision(self, call: Call, begun: Begun) -> Decision:
+        """Return the rate-limit decision of begun; raise RateLimitedError when rejected."""
         decision = Decision(
             allowed=begun.outcome != OUTCOME_REJECTED,
-            limit=limit,
+            limit=call.limit,
             remaining=begun.remaining,
             window_ms=self.settings.rate_window_ms,
             reset_at_ms=begun.reset_at_ms,
@@ -143,22 +238,38 @@ class TokenFlow:
             now_ms=call.now_ms,
         )
         if begun.outcome == OUTCOME_REJECTED:
-            raise RateLimitedError(client, decision)
-        if begun.outcome == OUTCOME_HIT:
-            return GenerateResult(
-                begun.cached_text or "", True, request.model, key, decision, begun.event_id
-            )
-        if begun.outcome == OUTCOME_SKIPPED:
-            text = await self._call_generator(request)
-            return GenerateResult(text, False, request.model, key, decision, begun.event_id)
-        if begun.outcome == OUTCOME_MISS:
-            text = await self._generate_and_store(request, key, call.token)
-            return GenerateResult(text, False, request.model, key, decision, begun.event_id)
-        return await self._wait_for_fill(call, decision)
+            raise RateLimitedError(call.client, decision)
+        return decision
 
-    async def _answer_without_valkey(
-        self, request: GenerationRequest, key: str, error: Exception
+    async def _resolve_wait(self, call: Call, begun: Begun) -> Claimed:
+        """Return the claim of an admitted call: a hit, a miss (this call
+        generates and fills the cache) or a skip (this call generates without
+        the cache), after waiting for an identical call when one holds the lock."""
+        if begun.outcome != OUTCOME_WAIT:
+            return Claimed(begun.outcome, begun.cached_text, begun.event_id)
+        return await self._wait_for_claim(call)
+
+    @staticmethod
+    def _result(
+        call: Call,
+        generation: Generation,
+        cached: bool,
+        decision: Decision | None,
+        event_id: str | None,
     ) -> GenerateResult:
+        return GenerateResult(
+            response=generation.text,
+            cached=cached,
+            model=call.request.model,
+            cache_key=call.cache_key,
+            decision=decision,
+            event_id=event_id,
+            usage=generation.usage,
+        )
+
+    def _check_fail_open(self, error: Exception) -> None:
+        """Raise BackendUnavailableError for a Valkey error under the deny policy,
+        else log that the call goes on without limit or cache."""
         if self.settings.on_valkey_error == "deny":
             self._warnings.warning(
                 "deny", "Valkey unreachable, rejecting Generate (policy deny): %s", error
@@ -170,49 +281,112 @@ class TokenFlow:
         self._warnings.warning(
             "allow", "Valkey unreachable, answering Generate without limit or cache: %s", error
         )
-        text = await self._call_generator(request)
-        return GenerateResult(text, False, request.model, key, None)
 
-    async def _call_generator(self, request: GenerationRequest) -> str:
+    def _timeout_error(self) -> GeneratorTimeoutError:
+        """Return the error of a generator that missed the call's deadline."""
+        return GeneratorTimeoutError(
+            "the generator did not answer within the call's deadline or "
+            f"--generator-timeout ({self.settings.generator_timeout:g} s)"
+        )
+
+    async def _call_generator(self, request: GenerationRequest, deadline: float) -> Generation:
         try:
-            return await asyncio.wait_for(
-                self.generator.generate(request), self.settings.generator_timeout
-            )
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return await self.generator.generate(request, deadline)
         except TimeoutError as error:
-            raise GeneratorError(
-                f"the generator timed out after {self.settings.generator_timeout} s"
-            ) from error
+            raise self._timeout_error() from error
         except GeneratorError:
             raise
         except Exception as error:
             logger.exception("generator failed for model %s", request.model)
             raise GeneratorError(f"the generator failed: {error}") from error
 
-    async def _generate_and_store(self, request: GenerationRequest, key: str, token: str) -> str:
+    async def _relay(
+        self, request: GenerationRequest, deadline: float
+    ) -> AsyncGenerator[Chunk, None]:
+        """Yield the generator's chunks, each within deadline, ending with one that has usage."""
+        chunks = self.generator.stream(request, deadline)
+        text: list[str] = []
+        usage: Usage | None = None
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        chunk = await anext(chunks)
+                except StopAsyncIteration:
+                    break
+                except TimeoutError as error:
+                    raise self._timeout_error() from error
+                except GeneratorError:
+                    raise
+                except Exception as error:
+                    logger.exception("generator stream failed for model %s", request.model)
+                    raise GeneratorError(f"the generator failed: {error}") from error
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                if chunk.text:
+                    text.append(chunk.text)
+                    yield Chunk(chunk.text)
+        finally:
+            await chunks.aclose()
+        yield Chunk(usage=usage or estimate_usage(request.prompt, "".join(text)))
+
+    async def _generate_and_store(self, call: Call, ttl: int, deadline: float) -> Generation:
         """Generate as the holder of the single-flight lock, then fill the cache."""
+        key, token = call.cache_key, call.token
         future = self.in_flight.start(key)
         renewal = asyncio.create_task(self._renew_lock(key, token), name="tokenflow-lock-renewal")
         try:
             try:
-                text = await self._call_generator(request)
+                generation = await self._call_generator(call.request, deadline)
             except BaseException:
                 renewal.cancel()
                 await self._release_lock(key, token)
                 raise
             renewal.cancel()
-            try:
-                await self.scripts.complete_generate(
-                    keys=[self.keys.cache(key), self.keys.lock(key)],
-                    args=[text, self.settings.cache_ttl, token],
-                )
-            except (RedisError, OSError) as error:
-                # The response is good and only caching it failed. The lock expires by itself.
-                self._warnings.warning(
-                    "store", "could not store cache entry %s: %s", key[:16], error
-                )
-            return text
+            await self._store(key, token, generation, ttl)
+            return generation
         finally:
             self.in_flight.finish(key, future)
+
+    async def _stream_and_store(
+        self, call: Call, ttl: int, deadline: float
+    ) -> AsyncGenerator[Chunk, None]:
+        """Relay the generator's stream as the holder of the single-flight lock,
+        then fill the cache. A stream that fails or is closed early stores
+        nothing and releases the lock, so a waiting call takes it over."""
+        key, token = call.cache_key, call.token
+        future = self.in_flight.start(key)
+        renewal = asyncio.create_task(self._renew_lock(key, token), name="tokenflow-lock-renewal")
+        text: list[str] = []
+        try:
+            try:
+                async with contextlib.aclosing(self._relay(call.request, deadline)) as chunks:
+                    async for chunk in chunks:
+                        if chunk.usage is not None:
+                            generation = Generation("".join(text), chunk.usage)
+                            renewal.cancel()
+                            await self._store(key, token, generation, ttl)
+                        text.append(chunk.text)
+                        yield chunk
+            except BaseException:
+                renewal.cancel()
+                await self._release_lock(key, token)
+                raise
+        finally:
+            renewal.cancel()
+            self.in_flight.finish(key, future)
+
+    async def _store(self, key: str, token: str, generation: Generation, ttl: int) -> None:
+        """Fill the cache entry and release the lock; a Valkey error is logged, not raised."""
+        try:
+            await self.scripts.complete_generate(
+                keys=[self.keys.cache(key), self.keys.lock(key)],
+                args=[encode_entry(generation), ttl, token],
+            )
+        except (RedisError, OSError) as error:
+            # The response is good and only caching it failed. The lock expires by itself.
+            self._warnings.warning("store", "could not store cache entry %s: %s", key[:16], error)
 
     async def _renew_lock(self, key: str, token: str) -> None:
         while True:
@@ -236,14 +410,15 @@ class TokenFlow:
             # The lock expires by itself after its TTL.
             logger.warning("could not release cache lock %s: %s", key[:16], error)
 
-    async def _wait_for_fill(self, call: Call, decision: Decision) -> GenerateResult:
-        """Wait for the request holding the lock, then read its answer.
+    async def _wait_for_claim(self, call: Call) -> Claimed:
+        """Wait for the call holding the lock, then claim the entry again.
 
-        A request of this process is awaited directly; one of another process
-        is polled. When the holder fails, this request takes the lock over
-        and generates itself.
+        A call of this process is awaited directly; one of another process
+        is polled. Returns a hit, or a miss when the holder failed and this
+        call took the lock over, or a skip when Valkey became unreachable
+        and the policy lets the call generate without the cache.
         """
-        request, key = call.request, call.cache_key
+        key = call.cache_key
         deadline = time.monotonic() + self._max_wait_seconds
         delay = _WAIT_POLL_MIN_SECONDS
         while time.monotonic() < deadline:
@@ -255,15 +430,12 @@ class TokenFlow:
             try:
                 claimed = await self.rounds.claim(call)
             except (RedisError, OSError) as error:
-                fallback = await self._answer_without_valkey(request, key, error)
-                return GenerateResult(fallback.response, False, request.model, key, decision, None)
+                self._check_fail_open(error)
+                return Claimed(OUTCOME_SKIPPED, None, None)
             if claimed.outcome == OUTCOME_HIT and claimed.cached_text is not None:
-                return GenerateResult(
-                    claimed.cached_text, True, request.model, key, decision, claimed.event_id
-                )
+                return claimed
             if claimed.outcome == OUTCOME_MISS:
-                text = await self._generate_and_store(request, key, call.token)
-                return GenerateResult(text, False, request.model, key, decision, claimed.event_id)
+                return claimed
 
         raise GeneratorError(
             f"timed out after {self._max_wait_seconds:.0f} s waiting for an identical request "
@@ -278,3 +450,40 @@ class TokenFlow:
         except (RedisError, OSError) as error:
             self._warnings.warning("stats", "GetStats could not reach Valkey: %s", error)
             return None
+
+
+class GenerationStream:
+    """An admitted GenerateStream call: its decision and the chunks of its answer.
+
+    Iterating yields text chunks and then one chunk with usage set. decision
+    is None when the call was answered without Valkey (fail-open). Closing
+    the stream early (aclose) stops the generator and releases the lock.
+    """
+
+    def __init__(
+        self,
+        call: Call,
+        decision: Decision | None,
+        cached: bool,
+        chunks: AsyncGenerator[Chunk, None],
+        event_id: str | None = None,
+    ) -> None:
+        self.model = call.request.model
+        self.cache_key = call.cache_key
+        self.decision = decision
+        self.cached = cached
+        self.event_id = event_id
+        self._chunks = chunks
+
+    def __aiter__(self) -> AsyncGenerator[Chunk, None]:
+        return self._chunks
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()
+
+
+async def _replay(generation: Generation) -> AsyncGenerator[Chunk, None]:
+    """Yield a cached answer as one text chunk and its usage."""
+    if generation.text:
+        yield Chunk(generation.text)
+    yield Chunk(usage=generation.usage)

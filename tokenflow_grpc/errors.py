@@ -72,7 +72,27 @@ class BackendUnavailableError(TokenFlowError):
 
 
 class GeneratorError(TokenFlowError):
-    """The generator failed or timed out."""
+    """The generator failed; the call may succeed when retried later.
+
+    retry_after_ms is the wait that the upstream asked for, or None.
+    """
+
+    def __init__(self, message: str, retry_after_ms: int | None = None) -> None:
+        self.retry_after_ms = retry_after_ms
+        super().__init__(message)
+
+
+class GeneratorTimeoutError(GeneratorError):
+    """The generator gave no answer before the call's deadline or --generator-timeout."""
+
+
+class UpstreamRejectedError(GeneratorError):
+    """The upstream rejected the request as invalid (HTTP 400, 404, 413 or 422)."""
+
+
+class UpstreamRefusedError(GeneratorError):
+    """The upstream refused the server's own request for a reason that retrying
+    cannot fix, such as a missing or invalid upstream API key (HTTP 401 or 403)."""
 
 
 class UnauthenticatedError(TokenFlowError):

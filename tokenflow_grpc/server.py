@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -15,9 +16,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tokenflow_grpc import validation
 from tokenflow_grpc.activity import ActivityEvent, ActivityHub
 from tokenflow_grpc.auth import current_key, interceptors_for, redact_prompts
-from tokenflow_grpc.core import Clock, GenerateResult, TokenFlow
+from tokenflow_grpc.core import Clock, GenerateOptions, GenerateResult, TokenFlow
 from tokenflow_grpc.errors import TokenFlowError
-from tokenflow_grpc.generator import Generator, SimulatedGenerator
+from tokenflow_grpc.generator import GenerationRequest, Generator, SimulatedGenerator, Usage
 from tokenflow_grpc.identity import client_identity
 from tokenflow_grpc.input_limits import SimulateLimit, WatcherLimit, grpc_size_options
 from tokenflow_grpc.limiter import Decision
@@ -29,6 +30,7 @@ from tokenflow_grpc.simulate import OUTCOME_BLOCKED, OUTCOME_SUCCESS, run_simula
 from tokenflow_grpc.stats import StatsSnapshot
 from tokenflow_grpc.status import to_status
 from tokenflow_grpc.tls import server_credentials
+from tokenflow_grpc.upstream import UpstreamGenerator
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
 from tokenflow_grpc.valkey import connect, is_memory, redact
@@ -42,6 +44,8 @@ HEALTH_CHECK_SECONDS = 1.0
 # Initial metadata sent once a WatchActivity stream is subscribed: events
 # recorded after the client receives it are delivered.
 WATCH_READY_METADATA = (("tokenflow-watch", "subscribed"),)
+# Initial metadata of Generate and GenerateStream: the key of the call's cache entry.
+CACHE_KEY_METADATA_KEY = "x-cache-key"
 # Trailing metadata that a worker of `serve --workers N` adds to each Generate
 # response or error. Its value is the worker's process id.
 WORKER_METADATA_KEY = "x-tokenflow-worker"
@@ -71,6 +75,20 @@ def rate_limit_message(decision: Decision) -> pb.RateLimit:
         reset_at=_timestamp(decision.reset_at_ms),
         window=_duration(decision.window_ms),
     )
+
+
+def usage_message(usage: Usage) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        total_tokens=usage.total_tokens,
+    )
+
+
+def generate_metadata(decision: Decision | None, cache_key: str) -> list[tuple[str, str]]:
+    """Return the initial metadata of an answered Generate or GenerateStream call."""
+    metadata = decision.metadata() if decision is not None else []
+    return [*metadata, (CACHE_KEY_METADATA_KEY, cache_key)]
 
 
 def event_message(event: ActivityEvent) -> pb.ActivityEvent:
@@ -158,19 +176,31 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GenerateResponse:
         try:
-            generation = validation.generation_request(request, self.settings)
-            key = current_key()
-            result = await self.core.generate(
-                generation,
-                self.client_of(context),
-                skip_cache=request.skip_cache,
-                limit=key.limit if key is not None else None,
-            )
+            generation, options = self._generate_call(request, context)
+            result = await self.core.generate(generation, self.client_of(context), options)
         except TokenFlowError as error:
             await abort(context, error, self.worker_metadata)
         if self.worker_metadata:
             context.set_trailing_metadata(self.worker_metadata)
         return await self._generate_response(result, context)
+
+    def _generate_call(
+        self,
+        request: validation.AnyGenerateRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> tuple[GenerationRequest, GenerateOptions]:
+        """Validate a Generate or GenerateStream request and return its core arguments."""
+        generation = validation.generation_request(request, self.settings)
+        cache_ttl = validation.cache_ttl(request, self.settings)
+        key = current_key()
+        options = GenerateOptions(
+            skip_cache=request.skip_cache,
+            limit=key.limit if key is not None else None,
+            cache_ttl=cache_ttl,
+            cache_namespace=validation.cache_namespace(request, key),
+            timeout=context.time_remaining(),
+        )
+        return generation, options
 
     async def _generate_response(
         self, result: GenerateResult, context: grpc.aio.ServicerContext[Any, Any]
@@ -180,11 +210,46 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
             cached=result.cached,
             model=result.model,
             cache_key=result.cache_key,
+            usage=usage_message(result.usage),
         )
         if result.decision is not None:
             response.rate_limit.CopyFrom(rate_limit_message(result.decision))
-            await context.send_initial_metadata(result.decision.metadata())
+        await context.send_initial_metadata(generate_metadata(result.decision, result.cache_key))
         return response
+
+    async def GenerateStream(
+        self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        try:
+            generation, options = self._generate_call(request, context)
+            stream = await self.core.open_stream(generation, self.client_of(context), options)
+        except TokenFlowError as error:
+            await abort(context, error, self.worker_metadata)
+        if self.worker_metadata:
+            context.set_trailing_metadata(self.worker_metadata)
+
+        usage = Usage()
+        async with contextlib.aclosing(stream):
+            metadata = generate_metadata(stream.decision, stream.cache_key)
+            await context.send_initial_metadata(metadata)
+            try:
+                async for chunk in stream:
+                    if chunk.usage is not None:
+                        usage = chunk.usage
+                    if chunk.text:
+                        yield pb.GenerateStreamResponse(delta=chunk.text)
+            except TokenFlowError as error:
+                await abort(context, error, self.worker_metadata)
+
+        last = pb.GenerateStreamResponse(
+            cached=stream.cached,
+            model=stream.model,
+            cache_key=stream.cache_key,
+            usage=usage_message(usage),
+        )
+        if stream.decision is not None:
+            last.rate_limit.CopyFrom(rate_limit_message(stream.decision))
+        yield last
 
     async def GetStats(
         self, request: pb.GetStatsRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -345,6 +410,7 @@ class TokenFlowServer:
         self.settings = settings
         self.worker_id = worker_id
         self._owns_redis = redis is None and core is None
+        self._upstream: UpstreamGenerator | None = None
         if core is None:
             redis = (
                 redis
@@ -356,7 +422,7 @@ class TokenFlowServer:
                     ca_cert=settings.valkey_ca_cert,
                 )
             )
-            generator = generator or SimulatedGenerator(settings.generator_latency)
+            generator = generator or self._default_generator(settings)
             core = TokenFlow(redis, settings, generator, clock, hub=self._hub(redis, settings))
         self.core = core
         # Without SO_REUSEPORT a second server on the same port fails to bind
@@ -375,6 +441,18 @@ class TokenFlowServer:
         self.health = health.aio.HealthServicer()
         self.monitor = HealthMonitor(core, self.health, settings, on_valkey_down)
         self.port = 0
+
+    def _default_generator(self, settings: Settings) -> Generator:
+        """Return the generator of --upstream-url, or else the simulated generator."""
+        if not settings.upstream_url:
+            return SimulatedGenerator(settings.generator_latency)
+        self._upstream = UpstreamGenerator.from_settings(settings)
+        logger.info(
+            "generating with the upstream %s (key from $%s)",
+            redact(self._upstream.url),
+            settings.upstream_api_key_env,
+        )
+        return self._upstream
 
     @staticmethod
     def _hub(redis: Any, settings: Settings) -> ActivityHub:
@@ -455,6 +533,8 @@ class TokenFlowServer:
         await stopping
         if self.metrics is not None:
             self.metrics.stop()
+        if self._upstream is not None:
+            await self._upstream.close()
         if self._owns_redis:
             if self.core.hub.redis is not self.core.redis:
                 await self.core.hub.redis.aclose()

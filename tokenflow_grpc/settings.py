@@ -31,6 +31,7 @@ MAX_ACTIVITY_EVENTS = 1_000_000
 MAX_WATCH_QUEUE_SIZE = 1_000_000
 MAX_WORKERS = 256
 MAX_WATCHERS_PER_CLIENT = 1_000_000
+MAX_UPSTREAM_RETRIES = 100
 # gRPC keeps these sizes in a C int.
 MAX_GRPC_SIZE_BYTES = 2**31 - 1
 LOG_FORMATS = ("text", "json")
@@ -67,6 +68,22 @@ def parse_models(text: str) -> tuple[str, ...]:
     if not models:
         raise ConfigurationError("the model list is empty; name at least one model")
     return models
+
+
+def parse_model_map(text: str) -> tuple[str, ...]:
+    """Parse "NAME=UPSTREAM,..." into a tuple of "NAME=UPSTREAM" items."""
+    items = []
+    for item in text.split(","):
+        name, separator, upstream = (part.strip() for part in item.partition("="))
+        if not item.strip():
+            continue
+        if not separator or not name or not upstream:
+            raise ConfigurationError(
+                f"invalid model mapping {item.strip()!r}: expected NAME=UPSTREAM_NAME, "
+                "for example tokenflow-sim-1=gpt-4o-mini"
+            )
+        items.append(f"{name}={upstream}")
+    return tuple(items)
 
 
 def parse_bool(text: str) -> bool:
@@ -274,6 +291,13 @@ class Settings:
         3600,
         parse=int,
     )
+    max_cache_ttl: int = _option(
+        "--max-cache-ttl",
+        "TOKENFLOW_MAX_CACHE_TTL",
+        "Longest cache lifetime that a request may ask for in cache_ttl, in seconds.",
+        86400,
+        parse=int,
+    )
     trusted_proxies: tuple[Network, ...] = _option(
         "--trusted-proxies",
         "TOKENFLOW_TRUSTED_PROXIES",
@@ -315,6 +339,53 @@ class Settings:
         "Longest wait for the generator, in seconds; also bounds how long identical "
         "requests wait for the one generating.",
         30.0,
+        parse=float,
+    )
+    upstream_url: str = _option(
+        "--upstream-url",
+        "TOKENFLOW_UPSTREAM_URL",
+        "Base URL of an OpenAI-compatible API (the part before /chat/completions, for "
+        "example https://api.openai.com/v1). Empty: the simulated generator.",
+        "",
+    )
+    upstream_api_key_env: str = _option(
+        "--upstream-api-key-env",
+        "TOKENFLOW_UPSTREAM_API_KEY_ENV",
+        "Name of the environment variable that holds the upstream API key, sent as "
+        "`Authorization: Bearer KEY`. An unset or empty variable sends no key.",
+        "OPENAI_API_KEY",
+    )
+    upstream_models: tuple[str, ...] = _option(
+        "--upstream-models",
+        "TOKENFLOW_UPSTREAM_MODELS",
+        "Comma-separated NAME=UPSTREAM_NAME pairs that map a model of --models to the "
+        "upstream's model name; a model without a pair keeps its name.",
+        (),
+        parse=parse_model_map,
+    )
+    upstream_timeout: float = _option(
+        "--upstream-timeout",
+        "TOKENFLOW_UPSTREAM_TIMEOUT",
+        "Longest wait for one upstream attempt's response headers, and then for its body "
+        "or for each chunk of a stream, in seconds. --generator-timeout and the call's "
+        "deadline bound all attempts together.",
+        30.0,
+        parse=float,
+    )
+    upstream_retries: int = _option(
+        "--upstream-retries",
+        "TOKENFLOW_UPSTREAM_RETRIES",
+        "Retries of an upstream request that failed with HTTP 408, 429 or 5xx or could "
+        "not connect, within the call's deadline.",
+        2,
+        parse=int,
+    )
+    upstream_backoff: float = _option(
+        "--upstream-backoff",
+        "TOKENFLOW_UPSTREAM_BACKOFF",
+        "Wait before the first retry, in seconds, doubled for each further retry; a "
+        "Retry-After header from the upstream replaces it.",
+        0.5,
         parse=float,
     )
     max_prompt_bytes: int = _option(
@@ -461,6 +532,10 @@ class Settings:
             ("--rate-limit", self.rate_limit, MAX_RATE_LIMIT),
             ("--rate-window", self.rate_window, MAX_WINDOW_SECONDS),
             ("--cache-ttl", self.cache_ttl, MAX_CACHE_TTL_SECONDS),
+            ("--max-cache-ttl", self.max_cache_ttl, MAX_CACHE_TTL_SECONDS),
+            ("--upstream-timeout", self.upstream_timeout, MAX_TIMEOUT_SECONDS),
+            ("--upstream-retries", self.upstream_retries, MAX_UPSTREAM_RETRIES),
+            ("--upstream-backoff", self.upstream_backoff, MAX_TIMEOUT_SECONDS),
             ("--generator-timeout", self.generator_timeout, MAX_TIMEOUT_SECONDS),
             ("--generator-latency", self.generator_latency, MAX_TIMEOUT_SECONDS),
             ("--valkey-timeout", self.valkey_timeout, MAX_TIMEOUT_SECONDS),
@@ -483,6 +558,8 @@ class Settings:
             "--rate-limit": self.rate_limit,
             "--rate-window": self.rate_window,
             "--cache-ttl": self.cache_ttl,
+            "--max-cache-ttl": self.max_cache_ttl,
+            "--upstream-timeout": self.upstream_timeout,
             "--generator-timeout": self.generator_timeout,
             "--max-prompt-bytes": self.max_prompt_bytes,
             "--simulate-max-count": self.simulate_max_count,
@@ -513,6 +590,12 @@ class Settings:
                 f"--max-prompt-bytes {self.max_prompt_bytes}, or no prompt of the maximum "
                 "size could arrive"
             )
+        if self.cache_ttl > self.max_cache_ttl:
+            raise ConfigurationError(
+                f"--cache-ttl {self.cache_ttl} is above --max-cache-ttl {self.max_cache_ttl}; "
+                "raise --max-cache-ttl or lower --cache-ttl"
+            )
+        self._validate_upstream()
         if self.default_model not in self.models:
             raise ConfigurationError(
                 f"--default-model {self.default_model!r} is not in --models {list(self.models)}"
@@ -537,6 +620,32 @@ class Settings:
                 f"--key-prefix {self.key_prefix!r} must be non-empty and contain none of {{}}*?[] "
                 "or spaces"
             )
+
+    def _validate_upstream(self) -> None:
+        if self.upstream_retries < 0 or self.upstream_backoff < 0:
+            raise ConfigurationError(
+                "--upstream-retries and --upstream-backoff must not be negative, got "
+                f"{self.upstream_retries} and {self.upstream_backoff}"
+            )
+        if self.upstream_url and urllib.parse.urlsplit(self.upstream_url).scheme not in (
+            "http",
+            "https",
+        ):
+            raise ConfigurationError(
+                "--upstream-url must be an http:// or https:// URL, got one with the scheme "
+                f"{urllib.parse.urlsplit(self.upstream_url).scheme or 'missing'}"
+            )
+        for name in self.upstream_model_map:
+            if name not in self.models:
+                raise ConfigurationError(
+                    f"--upstream-models maps {name!r}, which is not in --models {list(self.models)}"
+                )
+
+    @property
+    def upstream_model_map(self) -> dict[str, str]:
+        """--upstream-models as a dict from TokenFlow model name to upstream model name."""
+        pairs = (item.partition("=") for item in self.upstream_models)
+        return {name: upstream for name, _, upstream in pairs}
 
     def _validate_security(self) -> None:
         if self.api_keys and self.api_keys_file:

@@ -7,7 +7,7 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from tokenflow_grpc.core import TokenFlow
+from tokenflow_grpc.core import GenerateOptions, TokenFlow
 from tokenflow_grpc.errors import RateLimitedError, TokenFlowError
 from tokenflow_grpc.generator import GenerationRequest
 from tokenflow_grpc.keys import NAMESPACE_SIMULATED
@@ -62,7 +62,9 @@ async def run_simulation(core: TokenFlow, count: int) -> SimulationReport:
         request = GenerationRequest(prompt=prompt, model=core.settings.default_model)
         async with semaphore:
             try:
-                result = await core.generate(request, client, namespace=NAMESPACE_SIMULATED)
+                result = await core.generate(
+                    request, client, GenerateOptions(namespace=NAMESPACE_SIMULATED)
+                )
             except RateLimitedError:
                 return SimulatedRequest(prompt, client, OUTCOME_BLOCKED)
             except TokenFlowError as error:

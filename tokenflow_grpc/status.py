@@ -12,12 +12,15 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from tokenflow_grpc.errors import (
     BackendUnavailableError,
     GeneratorError,
+    GeneratorTimeoutError,
     InvalidArgumentError,
     PermissionDeniedError,
     QuotaExceededError,
     RateLimitedError,
     TokenFlowError,
     UnauthenticatedError,
+    UpstreamRefusedError,
+    UpstreamRejectedError,
 )
 from tokenflow_grpc.limiter import Decision
 
@@ -92,6 +95,36 @@ def _invalid_argument(error: InvalidArgumentError) -> status_pb2.Status:
     )
 
 
+def _generator_failed(error: GeneratorError) -> tuple[status_pb2.Status, list[tuple[str, str]]]:
+    """Map a generator failure: a timeout to DEADLINE_EXCEEDED, a request the
+    upstream rejects to INVALID_ARGUMENT, a refusal of the server's own
+    credentials to FAILED_PRECONDITION, and the rest (5xx, 429 after the
+    retries, connection errors) to UNAVAILABLE, with RetryInfo when the
+    upstream sent Retry-After.
+
+    An upstream 429 is UNAVAILABLE, not RESOURCE_EXHAUSTED, because it is the
+    quota of the server's upstream account, shared by every client, while
+    RESOURCE_EXHAUSTED means that this client is over its own TokenFlow limit.
+    """
+    if isinstance(error, GeneratorTimeoutError):
+        code = code_pb2.DEADLINE_EXCEEDED
+    elif isinstance(error, UpstreamRejectedError):
+        code = code_pb2.INVALID_ARGUMENT
+    elif isinstance(error, UpstreamRefusedError):
+        code = code_pb2.FAILED_PRECONDITION
+    else:
+        code = code_pb2.UNAVAILABLE
+
+    details = []
+    metadata = []
+    if code == code_pb2.UNAVAILABLE and error.retry_after_ms is not None:
+        retry_delay = duration_pb2.Duration()
+        retry_delay.FromMilliseconds(error.retry_after_ms)
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=retry_delay)))
+        metadata.append(("retry-after", str(max(1, math.ceil(error.retry_after_ms / 1000)))))
+    return status_pb2.Status(code=code, message=str(error), details=details), metadata
+
+
 def to_status(error: TokenFlowError) -> tuple[grpc.StatusCode, str, list[tuple[str, str | bytes]]]:
     """Return (code, message, trailing metadata with grpc-status-details-bin) for error."""
     metadata: list[tuple[str, str | bytes]] = []
@@ -106,7 +139,8 @@ def to_status(error: TokenFlowError) -> tuple[grpc.StatusCode, str, list[tuple[s
     elif isinstance(error, BackendUnavailableError):
         status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=str(error))
     elif isinstance(error, GeneratorError):
-        status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=str(error))
+        status, generator_metadata = _generator_failed(error)
+        metadata.extend(generator_metadata)
     elif isinstance(error, UnauthenticatedError):
         status = status_pb2.Status(code=code_pb2.UNAUTHENTICATED, message=str(error))
     elif isinstance(error, PermissionDeniedError):

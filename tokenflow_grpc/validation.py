@@ -6,7 +6,14 @@ from __future__ import annotations
 import math
 
 from tokenflow_grpc.activity import EVENT_TYPES, parse_stream_id
-from tokenflow_grpc.errors import FieldViolation, InvalidArgumentError, quoted
+from tokenflow_grpc.apikeys import KEY_ID, ApiKey
+from tokenflow_grpc.cache import DEFAULT_CACHE_NAMESPACE
+from tokenflow_grpc.errors import (
+    FieldViolation,
+    InvalidArgumentError,
+    PermissionDeniedError,
+    quoted,
+)
 from tokenflow_grpc.generator import GenerationRequest
 from tokenflow_grpc.settings import Settings
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
@@ -32,7 +39,11 @@ def _raise_if(violations: list[FieldViolation]) -> None:
         raise InvalidArgumentError(violations)
 
 
-def generation_request(message: pb.GenerateRequest, settings: Settings) -> GenerationRequest:
+# Generate and GenerateStream take messages with the same fields.
+AnyGenerateRequest = pb.GenerateRequest | pb.GenerateStreamRequest
+
+
+def generation_request(message: AnyGenerateRequest, settings: Settings) -> GenerationRequest:
     """Validate a GenerateRequest and resolve its model."""
     violations = []
     prompt_bytes = len(message.prompt.encode("utf-8"))
@@ -76,6 +87,55 @@ def generation_request(message: pb.GenerateRequest, settings: Settings) -> Gener
 
     _raise_if(violations)
     return GenerationRequest(message.prompt, model, temperature, max_tokens)
+
+
+def cache_ttl(message: AnyGenerateRequest, settings: Settings) -> int | None:
+    """Return the requested cache lifetime in whole seconds, rounded up, or None when unset."""
+    if not message.HasField("cache_ttl"):
+        return None
+    seconds = message.cache_ttl.seconds + message.cache_ttl.nanos / 1e9
+    if not 0 < seconds <= settings.max_cache_ttl:
+        _raise_if(
+            [
+                FieldViolation(
+                    "cache_ttl",
+                    f"must be more than 0 s and at most {settings.max_cache_ttl} s "
+                    f"(--max-cache-ttl), got {seconds:g} s",
+                )
+            ]
+        )
+    return math.ceil(seconds)
+
+
+def cache_namespace(message: AnyGenerateRequest, key: ApiKey | None) -> str:
+    """Return the cache namespace of a call made with key (None: no authentication).
+
+    Each key has its own namespace, its id, so tenants never share cached
+    answers. Raises PermissionDeniedError when a key without the admin role
+    names another namespace.
+    """
+    requested = message.cache_namespace
+    if requested and not KEY_ID.fullmatch(requested):
+        _raise_if(
+            [
+                FieldViolation(
+                    "cache_namespace",
+                    f"invalid namespace {quoted(requested)}: expected 1 to 64 characters of "
+                    "A-Z, a-z, 0-9, '.', '_' and '-'",
+                )
+            ]
+        )
+    if key is None:
+        return requested or DEFAULT_CACHE_NAMESPACE
+    if not requested or requested == key.id:
+        return key.id
+    if not key.is_admin:
+        raise PermissionDeniedError(
+            f"cache_namespace {quoted(requested)} belongs to another tenant; key {key.id!r} "
+            f"may use only its own namespace {key.id!r} (leave the field empty for it) "
+            "unless it has the admin role"
+        )
+    return requested
 
 
 def activity_limit(message: pb.GetStatsRequest) -> int:

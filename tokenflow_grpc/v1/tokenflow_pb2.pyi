@@ -90,6 +90,8 @@ class GenerateRequest(_message.Message):
     TEMPERATURE_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_FIELD_NUMBER: _builtins.int
     SKIP_CACHE_FIELD_NUMBER: _builtins.int
+    CACHE_TTL_FIELD_NUMBER: _builtins.int
+    CACHE_NAMESPACE_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     """The prompt text: not empty, at most the server's maximum prompt size
     (32 KiB of UTF-8 by default).
@@ -104,6 +106,21 @@ class GenerateRequest(_message.Message):
     """
     skip_cache: _builtins.bool
     """When true, the cache is neither read nor written for this call."""
+    cache_namespace: _builtins.str
+    """The cache namespace: requests share cached answers only within one
+    namespace. Empty means the caller's API key id, or "default" when the
+    server has no API keys. A key with the user role may name only its own
+    id (PERMISSION_DENIED otherwise); an admin key may name any. At most 64
+    characters of A-Z, a-z, 0-9, '.', '_' and '-'.
+    """
+    @_builtins.property
+    def cache_ttl(self) -> _duration_pb2.Duration:
+        """Lifetime of the cache entry that this call writes, from 1 s up to the
+        server's maximum (--max-cache-ttl, one day by default); fractions of a
+        second are rounded up. Unset means the server's --cache-ttl. An entry
+        that already exists keeps its own lifetime.
+        """
+
     def __init__(
         self,
         *,
@@ -112,10 +129,12 @@ class GenerateRequest(_message.Message):
         temperature: _builtins.float | None = ...,
         max_tokens: _builtins.int | None = ...,
         skip_cache: _builtins.bool = ...,
+        cache_ttl: _duration_pb2.Duration | None = ...,
+        cache_namespace: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_model", b"_model", "_temperature", b"_temperature", "max_tokens", b"max_tokens", "model", b"model", "temperature", b"temperature"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_model", b"_model", "_temperature", b"_temperature", "cache_ttl", b"cache_ttl", "max_tokens", b"max_tokens", "model", b"model", "temperature", b"temperature"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_model", b"_model", "_temperature", b"_temperature", "max_tokens", b"max_tokens", "model", b"model", "prompt", b"prompt", "skip_cache", b"skip_cache", "temperature", b"temperature"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_model", b"_model", "_temperature", b"_temperature", "cache_namespace", b"cache_namespace", "cache_ttl", b"cache_ttl", "max_tokens", b"max_tokens", "model", b"model", "prompt", b"prompt", "skip_cache", b"skip_cache", "temperature", b"temperature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
     _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
@@ -143,6 +162,7 @@ class GenerateResponse(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     RATE_LIMIT_FIELD_NUMBER: _builtins.int
     CACHE_KEY_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
     response: _builtins.str
     """The generated text."""
     cached: _builtins.bool
@@ -152,11 +172,19 @@ class GenerateResponse(_message.Message):
     model: _builtins.str
     """The model that produced the answer."""
     cache_key: _builtins.str
-    """Hex SHA-256 of the canonical request, the key of the cache entry."""
+    """Hex SHA-256 of the canonical request, the key of the cache entry; also
+    sent as the x-cache-key metadata.
+    """
     @_builtins.property
     def rate_limit(self) -> Global___RateLimit:
         """The caller's rate-limit state after this call. Unset when the server
         answered without Valkey (fail-open while Valkey is unreachable).
+        """
+
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """Token counts of the answer; a cached answer reports the counts of the
+        call that generated it.
         """
 
     def __init__(
@@ -167,14 +195,161 @@ class GenerateResponse(_message.Message):
         model: _builtins.str = ...,
         rate_limit: Global___RateLimit | None = ...,
         cache_key: _builtins.str = ...,
+        usage: Global___Usage | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limit", b"rate_limit"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limit", b"rate_limit", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_key", b"cache_key", "cached", b"cached", "model", b"model", "rate_limit", b"rate_limit", "response", b"response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_key", b"cache_key", "cached", b"cached", "model", b"model", "rate_limit", b"rate_limit", "response", b"response", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GenerateResponse: _TypeAlias = GenerateResponse  # noqa: Y015
+
+@_typing.final
+class Usage(_message.Message):
+    """Usage counts the tokens of one answer, as the upstream reported them. The
+    simulated generator reports an estimate: one token per word.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_TOKENS_FIELD_NUMBER: _builtins.int
+    COMPLETION_TOKENS_FIELD_NUMBER: _builtins.int
+    TOTAL_TOKENS_FIELD_NUMBER: _builtins.int
+    prompt_tokens: _builtins.int
+    """Tokens in the prompt."""
+    completion_tokens: _builtins.int
+    """Tokens in the generated text."""
+    total_tokens: _builtins.int
+    """prompt_tokens + completion_tokens."""
+    def __init__(
+        self,
+        *,
+        prompt_tokens: _builtins.int = ...,
+        completion_tokens: _builtins.int = ...,
+        total_tokens: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completion_tokens", b"completion_tokens", "prompt_tokens", b"prompt_tokens", "total_tokens", b"total_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Usage: _TypeAlias = Usage  # noqa: Y015
+
+@_typing.final
+class GenerateStreamRequest(_message.Message):
+    """GenerateStreamRequest is GenerateRequest for GenerateStream: the same
+    fields under the same numbers, so both have the same wire and JSON forms.
+    It is a message of its own because buf's STANDARD lint rules give each RPC
+    its own request type.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROMPT_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    TEMPERATURE_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_FIELD_NUMBER: _builtins.int
+    SKIP_CACHE_FIELD_NUMBER: _builtins.int
+    CACHE_TTL_FIELD_NUMBER: _builtins.int
+    CACHE_NAMESPACE_FIELD_NUMBER: _builtins.int
+    prompt: _builtins.str
+    """As GenerateRequest.prompt."""
+    model: _builtins.str
+    """As GenerateRequest.model."""
+    temperature: _builtins.float
+    """As GenerateRequest.temperature."""
+    max_tokens: _builtins.int
+    """As GenerateRequest.max_tokens."""
+    skip_cache: _builtins.bool
+    """As GenerateRequest.skip_cache."""
+    cache_namespace: _builtins.str
+    """As GenerateRequest.cache_namespace."""
+    @_builtins.property
+    def cache_ttl(self) -> _duration_pb2.Duration:
+        """As GenerateRequest.cache_ttl."""
+
+    def __init__(
+        self,
+        *,
+        prompt: _builtins.str = ...,
+        model: _builtins.str | None = ...,
+        temperature: _builtins.float | None = ...,
+        max_tokens: _builtins.int | None = ...,
+        skip_cache: _builtins.bool = ...,
+        cache_ttl: _duration_pb2.Duration | None = ...,
+        cache_namespace: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_model", b"_model", "_temperature", b"_temperature", "cache_ttl", b"cache_ttl", "max_tokens", b"max_tokens", "model", b"model", "temperature", b"temperature"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens", "_model", b"_model", "_temperature", b"_temperature", "cache_namespace", b"cache_namespace", "cache_ttl", b"cache_ttl", "max_tokens", b"max_tokens", "model", b"model", "prompt", b"prompt", "skip_cache", b"skip_cache", "temperature", b"temperature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__max_tokens: _TypeAlias = _typing.Literal["max_tokens"]  # noqa: Y015
+    _WhichOneofArgType__max_tokens: _TypeAlias = _typing.Literal["_max_tokens", b"_max_tokens"]  # noqa: Y015
+    _WhichOneofReturnType__model: _TypeAlias = _typing.Literal["model"]  # noqa: Y015
+    _WhichOneofArgType__model: _TypeAlias = _typing.Literal["_model", b"_model"]  # noqa: Y015
+    _WhichOneofReturnType__temperature: _TypeAlias = _typing.Literal["temperature"]  # noqa: Y015
+    _WhichOneofArgType__temperature: _TypeAlias = _typing.Literal["_temperature", b"_temperature"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tokens) -> _WhichOneofReturnType__max_tokens | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__model) -> _WhichOneofReturnType__model | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__temperature) -> _WhichOneofReturnType__temperature | None: ...
+
+Global___GenerateStreamRequest: _TypeAlias = GenerateStreamRequest  # noqa: Y015
+
+@_typing.final
+class GenerateStreamResponse(_message.Message):
+    """GenerateStreamResponse is one message of a GenerateStream answer. Every
+    message but the last carries a text delta; the last carries the final
+    fields and no text.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELTA_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    USAGE_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    CACHE_KEY_FIELD_NUMBER: _builtins.int
+    delta: _builtins.str
+    """The next piece of the generated text; empty in the last message."""
+    cached: _builtins.bool
+    """Set in the last message only: true when the answer came from the cache."""
+    model: _builtins.str
+    """Set in the last message only: the model that produced the answer."""
+    cache_key: _builtins.str
+    """Set in the last message only: the key of the cache entry."""
+    @_builtins.property
+    def usage(self) -> Global___Usage:
+        """Set in the last message only, and only there: the answer's token counts."""
+
+    @_builtins.property
+    def rate_limit(self) -> Global___RateLimit:
+        """Set in the last message only: the caller's rate-limit state after this
+        call, unset when the server answered without Valkey.
+        """
+
+    def __init__(
+        self,
+        *,
+        delta: _builtins.str = ...,
+        cached: _builtins.bool = ...,
+        model: _builtins.str = ...,
+        usage: Global___Usage | None = ...,
+        rate_limit: Global___RateLimit | None = ...,
+        cache_key: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limit", b"rate_limit", "usage", b"usage"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_key", b"cache_key", "cached", b"cached", "delta", b"delta", "model", b"model", "rate_limit", b"rate_limit", "usage", b"usage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GenerateStreamResponse: _TypeAlias = GenerateStreamResponse  # noqa: Y015
 
 @_typing.final
 class RateLimit(_message.Message):

@@ -42,6 +42,11 @@ class TokenFlowServiceStub:
                 request_serializer=tokenflow_dot_v1_dot_tokenflow__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=tokenflow_dot_v1_dot_tokenflow__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.GenerateStream = channel.unary_stream(
+                '/tokenflow.v1.TokenFlowService/GenerateStream',
+                request_serializer=tokenflow_dot_v1_dot_tokenflow__pb2.GenerateStreamRequest.SerializeToString,
+                response_deserializer=tokenflow_dot_v1_dot_tokenflow__pb2.GenerateStreamResponse.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/tokenflow.v1.TokenFlowService/GetStats',
                 request_serializer=tokenflow_dot_v1_dot_tokenflow__pb2.GetStatsRequest.SerializeToString,
@@ -72,6 +77,18 @@ class TokenFlowServiceServicer:
         google.rpc.QuotaFailure details. Every call, admitted or not, returns the
         metadata x-ratelimit-limit, x-ratelimit-remaining and x-ratelimit-reset
         (seconds until the window frees a slot), plus retry-after when rejected.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GenerateStream(self, request, context):
+        """GenerateStream answers a prompt like Generate, sending the text as it is
+        generated: one message per text delta, then a last message that carries
+        the final fields. Rate limiting, the cache, single flight, counters and
+        metadata are those of Generate. A cache hit sends the cached text in one
+        message. A call that finds an identical call already generating waits
+        for it and then sends its text from the cache in one message.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -109,6 +126,11 @@ def add_TokenFlowServiceServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=tokenflow_dot_v1_dot_tokenflow__pb2.GenerateRequest.FromString,
                     response_serializer=tokenflow_dot_v1_dot_tokenflow__pb2.GenerateResponse.SerializeToString,
+            ),
+            'GenerateStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.GenerateStream,
+                    request_deserializer=tokenflow_dot_v1_dot_tokenflow__pb2.GenerateStreamRequest.FromString,
+                    response_serializer=tokenflow_dot_v1_dot_tokenflow__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
@@ -156,6 +178,33 @@ class TokenFlowService:
             '/tokenflow.v1.TokenFlowService/Generate',
             tokenflow_dot_v1_dot_tokenflow__pb2.GenerateRequest.SerializeToString,
             tokenflow_dot_v1_dot_tokenflow__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GenerateStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tokenflow.v1.TokenFlowService/GenerateStream',
+            tokenflow_dot_v1_dot_tokenflow__pb2.GenerateStreamRequest.SerializeToString,
+            tokenflow_dot_v1_dot_tokenflow__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

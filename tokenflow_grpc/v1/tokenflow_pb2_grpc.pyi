@@ -44,6 +44,14 @@ class TokenFlowServiceStub:
     metadata x-ratelimit-limit, x-ratelimit-remaining and x-ratelimit-reset
     (seconds until the window frees a slot), plus retry-after when rejected.
     """
+    GenerateStream: _grpc.UnaryStreamMultiCallable[_tokenflow_pb2.GenerateStreamRequest, _tokenflow_pb2.GenerateStreamResponse]
+    """GenerateStream answers a prompt like Generate, sending the text as it is
+    generated: one message per text delta, then a last message that carries
+    the final fields. Rate limiting, the cache, single flight, counters and
+    metadata are those of Generate. A cache hit sends the cached text in one
+    message. A call that finds an identical call already generating waits
+    for it and then sends its text from the cache in one message.
+    """
     GetStats: _grpc.UnaryUnaryMultiCallable[_tokenflow_pb2.GetStatsRequest, _tokenflow_pb2.GetStatsResponse]
     """GetStats returns exact counters, rate-limit and cache figures, the latest
     activity events and the number of keys per kind.
@@ -73,6 +81,14 @@ class TokenFlowServiceAsyncStub(TokenFlowServiceStub):
     google.rpc.QuotaFailure details. Every call, admitted or not, returns the
     metadata x-ratelimit-limit, x-ratelimit-remaining and x-ratelimit-reset
     (seconds until the window frees a slot), plus retry-after when rejected.
+    """
+    GenerateStream: _aio.UnaryStreamMultiCallable[_tokenflow_pb2.GenerateStreamRequest, _tokenflow_pb2.GenerateStreamResponse]  # type: ignore[assignment]
+    """GenerateStream answers a prompt like Generate, sending the text as it is
+    generated: one message per text delta, then a last message that carries
+    the final fields. Rate limiting, the cache, single flight, counters and
+    metadata are those of Generate. A cache hit sends the cached text in one
+    message. A call that finds an identical call already generating waits
+    for it and then sends its text from the cache in one message.
     """
     GetStats: _aio.UnaryUnaryMultiCallable[_tokenflow_pb2.GetStatsRequest, _tokenflow_pb2.GetStatsResponse]  # type: ignore[assignment]
     """GetStats returns exact counters, rate-limit and cache figures, the latest
@@ -106,6 +122,20 @@ class TokenFlowServiceServicer(metaclass=_abc_1.ABCMeta):
         google.rpc.QuotaFailure details. Every call, admitted or not, returns the
         metadata x-ratelimit-limit, x-ratelimit-remaining and x-ratelimit-reset
         (seconds until the window frees a slot), plus retry-after when rejected.
+        """
+
+    @_abc_1.abstractmethod
+    def GenerateStream(
+        self,
+        request: _tokenflow_pb2.GenerateStreamRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_tokenflow_pb2.GenerateStreamResponse], _abc.AsyncIterator[_tokenflow_pb2.GenerateStreamResponse]]:
+        """GenerateStream answers a prompt like Generate, sending the text as it is
+        generated: one message per text delta, then a last message that carries
+        the final fields. Rate limiting, the cache, single flight, counters and
+        metadata are those of Generate. A cache hit sends the cached text in one
+        message. A call that finds an identical call already generating waits
+        for it and then sends its text from the cache in one message.
         """
 
     @_abc_1.abstractmethod
