@@ -4,6 +4,7 @@ stats, Simulate and activity. No gRPC or HTTP types appear here."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -15,24 +16,37 @@ from redis.exceptions import RedisError
 
 from tokenflow_grpc.activity import ActivityHub
 from tokenflow_grpc.cache import InFlight, cache_key
-from tokenflow_grpc.errors import BackendUnavailableError, GeneratorError, RateLimitedError
+from tokenflow_grpc.errors import (
+    BackendUnavailableError,
+    ConfigurationError,
+    GeneratorError,
+    RateLimitedError,
+)
 from tokenflow_grpc.generator import GenerationRequest, Generator
 from tokenflow_grpc.keys import NAMESPACE_CLIENT, key_space
-from tokenflow_grpc.limiter import Decision
+from tokenflow_grpc.limiter import REASONS, Decision, TokenState
 from tokenflow_grpc.logs import RepeatLimiter
 from tokenflow_grpc.lua import Scripts
-from tokenflow_grpc.metrics import OPERATION_PING, OPERATION_STATS, valkey_timer
+from tokenflow_grpc.metrics import (
+    OPERATION_PING,
+    OPERATION_STATS,
+    SHADOW_REJECTIONS,
+    valkey_timer,
+)
+from tokenflow_grpc.policies import TOKEN_BUCKET, PolicySet, load_policies
 from tokenflow_grpc.rounds import (
     OUTCOME_HIT,
     OUTCOME_MISS,
     OUTCOME_REJECTED,
     OUTCOME_SKIPPED,
+    Begun,
     Call,
     rounds_for,
 )
 from tokenflow_grpc.rounds_metrics import CountedRounds
 from tokenflow_grpc.settings import Settings
 from tokenflow_grpc.stats import StatsSnapshot, read_stats
+from tokenflow_grpc.usage import admission_tokens, generation_usage
 from tokenflow_grpc.valkey import ping
 
 logger = logging.getLogger(__name__)
@@ -75,8 +89,12 @@ class TokenFlow:
         generator: Generator,
         clock: Clock = time.time,
         hub: ActivityHub | None = None,
+        policies: PolicySet | None = None,
     ) -> None:
+        """policies: the limit policies, by default those of settings.policies_file;
+        raises ConfigurationError when that file is invalid."""
         self.redis = redis
+        self.policies = policies or load_policies(settings)
         self.settings = settings
         self.generator = generator
         self.keys = key_space(settings.key_prefix, settings.valkey_cluster)
@@ -106,6 +124,25 @@ class TokenFlow:
     async def close(self) -> None:
         await self.hub.close()
 
+    def reload_policies(self) -> bool:
+        """Read settings.policies_file again and apply it to the calls that start after.
+
+        Calls in flight keep the policy they matched. An invalid file leaves
+        the policies in force and is logged; returns whether the new ones apply.
+        """
+        try:
+            policies = load_policies(self.settings)
+        except ConfigurationError as error:
+            logger.error("policy reload failed, keeping the policies in force: %s", error)
+            return False
+        self.policies = policies
+        logger.info(
+            "reloaded %d limit policies from %s",
+            len(policies.policies) + 1,
+            policies.source or "the command-line flags",
+        )
+        return True
+
     async def generate(
         self,
         request: GenerationRequest,
@@ -123,26 +160,35 @@ class TokenFlow:
         is deny, and GeneratorError when the generator fails.
         """
         key = cache_key(request)
-        limit = limit or self.settings.rate_limit
+        policy = self.policies.match(client, request.model, limit)
+        token_cost = admission_tokens(request, policy.default_max_tokens) if policy.tokens else 0
         call = Call(
-            request, client, namespace, key, uuid.uuid4().hex, skip_cache, self.now_ms(), limit
+            request,
+            client,
+            namespace,
+            key,
+            uuid.uuid4().hex,
+            skip_cache,
+            self.now_ms(),
+            policy,
+            token_cost,
         )
         try:
             begun = await self.rounds.begin(call)
         except (RedisError, OSError) as error:
             return await self._answer_without_valkey(request, key, error)
 
-        decision = Decision(
-            allowed=begun.outcome != OUTCOME_REJECTED,
-            limit=limit,
-            remaining=begun.remaining,
-            window_ms=self.settings.rate_window_ms,
-            reset_at_ms=begun.reset_at_ms,
-            retry_after_ms=begun.retry_after_ms,
-            now_ms=call.now_ms,
-        )
+        decision = self._decision(call, begun)
         if begun.outcome == OUTCOME_REJECTED:
             raise RateLimitedError(client, decision)
+        if decision.shadow_rejected:
+            self._report_shadow_rejection(call, decision)
+        result = await self._answer(call, begun, decision)
+        return await self._settle_tokens(call, result)
+
+    async def _answer(self, call: Call, begun: Begun, decision: Decision) -> GenerateResult:
+        """Return the answer of an admitted call, from the cache or the generator."""
+        request, key = call.request, call.cache_key
         if begun.outcome == OUTCOME_HIT:
             return GenerateResult(
                 begun.cached_text or "", True, request.model, key, decision, begun.event_id
@@ -154,6 +200,72 @@ class TokenFlow:
             text = await self._generate_and_store(request, key, call.token)
             return GenerateResult(text, False, request.model, key, decision, begun.event_id)
         return await self._wait_for_fill(call, decision)
+
+    def _decision(self, call: Call, begun: Begun) -> Decision:
+        policy, limited = call.policy, begun.limited
+        tokens = None
+        if policy.tokens:
+            tokens = TokenState(
+                policy.tokens,
+                max(limited.tokens_remaining, 0),
+                policy.window_ms,
+                limited.tokens_reset_ms,
+            )
+        return Decision(
+            allowed=begun.outcome != OUTCOME_REJECTED,
+            limit=policy.capacity if policy.algorithm == TOKEN_BUCKET else policy.requests,
+            remaining=begun.remaining,
+            window_ms=policy.window_ms,
+            reset_at_ms=begun.reset_at_ms,
+            retry_after_ms=begun.retry_after_ms,
+            now_ms=call.now_ms,
+            policy=policy.name,
+            shadow=policy.shadow,
+            shadow_rejected=limited.shadow_rejected,
+            reason=REASONS.get(limited.reason, ""),
+            tokens=tokens,
+            tokens_needed=call.token_cost,
+        )
+
+    def _report_shadow_rejection(self, call: Call, decision: Decision) -> None:
+        SHADOW_REJECTIONS.labels(decision.policy, decision.reason).inc()
+        self._warnings.warning(
+            f"shadow {decision.policy}",
+            "shadow policy %s would have rejected a call from %s (over its %s limit); "
+            "admitted it",
+            decision.policy,
+            call.client,
+            decision.reason,
+        )
+
+    async def _settle_tokens(self, call: Call, result: GenerateResult) -> GenerateResult:
+        """Replace the call's token estimate with the tokens it used, and report
+        the budget left. A cache hit uses no tokens, because no model ran.
+
+        A call admitted only by a shadow policy was never charged. When the
+        generator fails, this is not reached and the estimate stays charged.
+        """
+        decision = result.decision
+        if decision is None or decision.tokens is None or decision.shadow_rejected:
+            return result
+        used = 0 if result.cached else generation_usage(call.request, result.response)
+        delta = used - call.token_cost
+        if delta == 0:
+            return result
+        window_ms = call.policy.window_ms
+        charged_window = call.now_ms // window_ms
+        try:
+            remaining = await self.scripts.charge_tokens(
+                keys=[call.tokens_key(self.keys)],
+                args=[charged_window, delta, decision.tokens.limit, window_ms, self.now_ms()],
+            )
+        except (RedisError, OSError) as error:
+            self._warnings.warning(
+                "charge", "could not charge %d tokens to %s: %s", used, call.client, error
+            )
+            return result
+        tokens = dataclasses.replace(decision.tokens, remaining=int(remaining))
+        return dataclasses.replace(result, decision=dataclasses.replace(decision, tokens=tokens))
 
     async def _answer_without_valkey(
         self, request: GenerationRequest, key: str, error: Exception

@@ -67,6 +67,7 @@ class Scripts:
     complete_generate: Script
     release_lock: Script
     extend_lock: Script
+    charge_tokens: Script
 
     @classmethod
     def register(cls, redis: Any) -> Scripts:
@@ -83,5 +84,8 @@ class Scripts:
             ),
             extend_lock=Script(
                 redis, read_script("extend_lock.lua", with_common=False), "extend_lock"
+            ),
+            charge_tokens=Script(
+                redis, read_script("charge_tokens.lua", with_common=False), "charge_tokens"
             ),
         )
