@@ -26,7 +26,7 @@ from tokenflow_grpc.policies import (
 
 START_MS = 1_800_000_000_000
 # Windows of at least 10 s, because Valkey expires the keys in real time:
-# a shorter window could expire a key while the test's clock says it is live.
+# a shorter window could expire a key that is still live on the test's clock.
 WINDOWS_MS = st.integers(10_000, 120_000)
 PROPERTY_SETTINGS = settings(
     max_examples=40,

@@ -19,8 +19,8 @@ from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
 
 
 class ExactGenerator(CountingGenerator):
-    """Answers with exactly max_tokens estimated tokens, so a call's usage
-    equals the estimate it was admitted with and no charge changes after."""
+    """Generator whose text is exactly max_tokens estimated tokens, so a call's
+    usage equals the estimate it was admitted with and no charge changes."""
 
     async def generate(self, request: GenerationRequest) -> str:
         self.requests.append(request)

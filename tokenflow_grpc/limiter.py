@@ -1,14 +1,14 @@
-"""Rate-limit decisions: what the begin_generate and limit_generate scripts
-decided for one call under its limit policy (scripts/_common.lua,
-limit_call), which trims or reads the client's state, applies the token
-budget and counts the call only when it is admitted, all in one atomic call."""
+"""Rate-limit decisions of the begin_generate and limit_generate scripts for
+one call under its limit policy. Their limit_call function
+(scripts/_common.lua) reads the client's state and token budget, and counts
+the call only when both admit it, all in one atomic script."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-# Why a call was rejected, or would have been under a shadow policy.
+# The limit that rejected a call, or would have under a shadow policy.
 REASON_NONE = ""
 REASON_REQUESTS = "requests"
 REASON_TOKENS = "tokens"
@@ -31,7 +31,7 @@ class Decision:
     """One rate-limit decision for one client.
 
     Times are milliseconds since the Unix epoch; retry_after_ms is 0 when the
-    request was admitted. reason says which limit rejected the call, or would
+    request was admitted. reason names the limit that rejected the call, or would
     have under a shadow policy (shadow_rejected). tokens is None when the
     policy has no token budget.
     """

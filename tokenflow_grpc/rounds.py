@@ -101,7 +101,7 @@ class Call:
 
 @dataclass(frozen=True)
 class Limited:
-    """What limit_call (scripts/_common.lua) returned besides the outcome.
+    """The values that limit_call (scripts/_common.lua) returns besides the outcome.
 
     reason: 0 admitted, 1 over the request limit, 2 over the token budget;
     tokens_remaining is -1 without a token budget.

@@ -41,7 +41,7 @@ class SignalCounter:
 
 
 def handle_reload(action: Callable[[], object]) -> None:
-    """Run action at each SIGHUP, the signal that asks a server to reload its policy file."""
+    """Run action at each SIGHUP, the signal that requests a reload of the policy file."""
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, _reload, action)
 

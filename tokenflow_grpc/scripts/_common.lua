@@ -114,7 +114,7 @@ end
 
 -- Token bucket of capacity requests that refills rate requests per window_ms,
 -- stored as its debt: one request costs window_ms units and time repays rate
--- units per ms, so the bucket holds capacity - debt / window_ms requests.
+-- units per ms, so the bucket contains capacity - debt / window_ms requests.
 -- key: hash of debt and the time in ms it was computed at.
 -- Returns {admitted (1 or 0), remaining, reset_ms, retry_after_ms} where
 -- reset_ms is when the bucket is full again.
