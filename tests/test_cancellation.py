@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -50,7 +51,9 @@ def forwarded(client: str) -> tuple[tuple[str, str], ...]:
 
 
 async def expected_text(prompt: str, model: str) -> str:
-    return await SimulatedGenerator().generate(GenerationRequest(prompt=prompt, model=model))
+    request = GenerationRequest(prompt=prompt, model=model)
+    generation = await SimulatedGenerator().generate(request, time.monotonic() + 10.0)
+    return generation.text
 
 
 @pytest.fixture

@@ -51,7 +51,15 @@ EXPECTED_ROUTES = {
     "/v1/generate:stream": {"post"},
 }
 GENERATE_FIELDS = {"response", "cached", "model", "rateLimit", "cacheKey", "usage"}
-RATE_LIMIT_FIELDS = {"limit", "remaining", "resetAt", "window"}
+RATE_LIMIT_FIELDS = {
+    "limit",
+    "remaining",
+    "resetAt",
+    "window",
+    "policy",
+    "shadow",
+    "shadowRejected",
+}
 STATS_FIELDS = {
     "connected",
     "timestamp",
@@ -156,6 +164,8 @@ async def test_generate_route(gateway: RunningGateway, path: str) -> None:
     assert rate_limit["limit"] == RATE_LIMIT
     assert rate_limit["remaining"] == RATE_LIMIT - 1
     assert rate_limit["window"] == f"{WINDOW_SECONDS}s"
+    assert rate_limit["policy"] == "default"
+    assert rate_limit["shadowRejected"] is False
     reset_at = parse_time(rate_limit["resetAt"])
     assert reset_at > before
     assert reset_at <= before + timedelta(seconds=WINDOW_SECONDS + 1)

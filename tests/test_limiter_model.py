@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import ManualClock, make_settings
-from tokenflow_grpc.core import TokenFlow
+from tokenflow_grpc.core import GenerateOptions, TokenFlow
 from tokenflow_grpc.errors import RateLimitedError
 from tokenflow_grpc.generator import GenerationRequest, SimulatedGenerator
 from tokenflow_grpc.limiter import Decision
@@ -92,7 +92,7 @@ async def decide(core: TokenFlow, client: str, prompt: str) -> Decision:
     """Send one Generate (cache skipped) and return its rate-limit decision."""
     request = GenerationRequest(prompt=prompt, model=core.settings.default_model)
     try:
-        result = await core.generate(request, client, skip_cache=True)
+        result = await core.generate(request, client, GenerateOptions(skip_cache=True))
     except RateLimitedError as error:
         assert isinstance(error.decision, Decision)
         return error.decision

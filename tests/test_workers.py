@@ -258,6 +258,12 @@ async def test_limit_exact_across_workers(start_pool: Any, shared_valkey: list[s
         "--rate-limit",
         str(limit),
         "--no-gateway",
+        # Under the default allow policy a Valkey timeout on a loaded machine
+        # admits a call without the limit; deny makes any such error visible.
+        "--on-valkey-error",
+        "deny",
+        "--valkey-timeout",
+        "10",
     )
     channels = [
         grpc.aio.insecure_channel(pool.target, options=OWN_CONNECTION) for _ in range(connections)

@@ -38,7 +38,7 @@ from tokenflow_grpc.dashboard.model import (
 from tokenflow_grpc.errors import ConfigurationError
 from tokenflow_grpc.logformat import configure_logging
 from tokenflow_grpc.settings import GatewaySettings, Settings, add_arguments, settings_from
-from tokenflow_grpc.signals import SHUTDOWN_GRACE_SECONDS, SignalCounter
+from tokenflow_grpc.signals import SHUTDOWN_GRACE_SECONDS, SignalCounter, handle_reload
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 
 if TYPE_CHECKING:
@@ -140,6 +140,7 @@ async def _serve_one(settings: Settings, embedded: EmbeddedValkey | None) -> Non
             return await asyncio.to_thread(restart)
 
     server = TokenFlowServer(settings, on_valkey_down=on_valkey_down)
+    handle_reload(server.reload_policies)
     gateway: GatewayProcess | None = None
     signals = SignalCounter("draining calls; send it again to stop at once")
     grace = 0.0  # Until the server runs, stopping needs no drain.
@@ -165,6 +166,7 @@ async def _serve_workers(settings: Settings, embedded: EmbeddedValkey | None) ->
     from tokenflow_grpc.workers import WorkerPool
 
     pool = WorkerPool(settings)
+    handle_reload(lambda: pool.send_signal(signal.SIGHUP))
     gateway: GatewayProcess | None = None
     watchdog = None
     if embedded is not None:

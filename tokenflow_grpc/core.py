@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -24,6 +25,7 @@ from tokenflow_grpc.cache import (
 )
 from tokenflow_grpc.errors import (
     BackendUnavailableError,
+    ConfigurationError,
     GeneratorError,
     GeneratorTimeoutError,
     RateLimitedError,
@@ -37,10 +39,16 @@ from tokenflow_grpc.generator import (
     estimate_usage,
 )
 from tokenflow_grpc.keys import NAMESPACE_CLIENT, key_space
-from tokenflow_grpc.limiter import Decision
+from tokenflow_grpc.limiter import REASONS, Decision, TokenState
 from tokenflow_grpc.logs import RepeatLimiter
 from tokenflow_grpc.lua import Scripts
-from tokenflow_grpc.metrics import OPERATION_PING, OPERATION_STATS, valkey_timer
+from tokenflow_grpc.metrics import (
+    OPERATION_PING,
+    OPERATION_STATS,
+    SHADOW_REJECTIONS,
+    valkey_timer,
+)
+from tokenflow_grpc.policies import TOKEN_BUCKET, PolicySet, load_policies
 from tokenflow_grpc.rounds import (
     OUTCOME_HIT,
     OUTCOME_MISS,
@@ -55,6 +63,7 @@ from tokenflow_grpc.rounds import (
 from tokenflow_grpc.rounds_metrics import CountedRounds
 from tokenflow_grpc.settings import Settings
 from tokenflow_grpc.stats import StatsSnapshot, read_stats
+from tokenflow_grpc.usage import admission_tokens
 from tokenflow_grpc.valkey import ping
 
 logger = logging.getLogger(__name__)
@@ -116,9 +125,13 @@ class TokenFlow:
         generator: Generator,
         clock: Clock = time.time,
         hub: ActivityHub | None = None,
+        policies: PolicySet | None = None,
     ) -> None:
+        """policies: the limit policies, by default those of settings.policies_file;
+        raises ConfigurationError when that file is invalid."""
         self.redis = redis
         self.settings = settings
+        self.policies = policies or load_policies(settings)
         self.generator = generator
         self.keys = key_space(settings.key_prefix, settings.valkey_cluster)
         self.scripts = Scripts.register(redis)
@@ -148,6 +161,25 @@ class TokenFlow:
         await self.hub.close()
         await self.scripts.close()
 
+    def reload_policies(self) -> bool:
+        """Read settings.policies_file again and apply it to the calls that start after.
+
+        Calls in flight keep the policy they matched. An invalid file leaves
+        the policies in force and is logged; returns whether the new ones apply.
+        """
+        try:
+            policies = load_policies(self.settings)
+        except ConfigurationError as error:
+            logger.error("policy reload failed, keeping the policies in force: %s", error)
+            return False
+        self.policies = policies
+        logger.info(
+            "reloaded %d limit policies from %s",
+            len(policies.policies) + 1,
+            policies.source or "the command-line flags",
+        )
+        return True
+
     async def generate(
         self, request: GenerationRequest, client: str, options: GenerateOptions = GenerateOptions()
     ) -> GenerateResult:
@@ -169,13 +201,15 @@ class TokenFlow:
         claimed = await self._resolve_wait(call, begun)
         if claimed.outcome == OUTCOME_HIT:
             cached = decode_entry(claimed.cached_text or "", request)
-            return self._result(call, cached, True, decision, claimed.event_id)
+            result = self._result(call, cached, True, decision, claimed.event_id)
+            return await self._settle_tokens(call, result)
         if claimed.outcome == OUTCOME_MISS:
             ttl = options.cache_ttl or self.settings.cache_ttl
             generation = await self._generate_and_store(call, ttl, deadline)
         else:
             generation = await self._call_generator(request, deadline)
-        return self._result(call, generation, False, decision, claimed.event_id)
+        result = self._result(call, generation, False, decision, claimed.event_id)
+        return await self._settle_tokens(call, result)
 
     async def open_stream(
         self, request: GenerationRequest, client: str, options: GenerateOptions = GenerateOptions()
@@ -211,6 +245,8 @@ class TokenFlow:
         self, request: GenerationRequest, client: str, options: GenerateOptions
     ) -> tuple[Call, float]:
         """Return the call's Call and its deadline in time.monotonic() seconds."""
+        policy = self.policies.match(client, request.model, options.limit)
+        token_cost = admission_tokens(request, policy.default_max_tokens) if policy.tokens else 0
         call = Call(
             request,
             client,
@@ -219,7 +255,8 @@ class TokenFlow:
             uuid.uuid4().hex,
             options.skip_cache,
             self.now_ms(),
-            options.limit or self.settings.rate_limit,
+            policy,
+            token_cost,
         )
         timeout = self.settings.generator_timeout
         if options.timeout is not None:
@@ -227,19 +264,78 @@ class TokenFlow:
         return call, time.monotonic() + timeout
 
     def _decision(self, call: Call, begun: Begun) -> Decision:
-        """Return the rate-limit decision of begun; raise RateLimitedError when rejected."""
+        """Return the rate-limit decision of begun; raise RateLimitedError when
+        rejected, and report a rejection that a shadow policy turned into an admission."""
+        policy, limited = call.policy, begun.limited
+        tokens = None
+        if policy.tokens:
+            tokens = TokenState(
+                policy.tokens,
+                max(limited.tokens_remaining, 0),
+                policy.window_ms,
+                limited.tokens_reset_ms,
+            )
         decision = Decision(
             allowed=begun.outcome != OUTCOME_REJECTED,
-            limit=call.limit,
+            limit=policy.capacity if policy.algorithm == TOKEN_BUCKET else policy.requests,
             remaining=begun.remaining,
-            window_ms=self.settings.rate_window_ms,
+            window_ms=policy.window_ms,
             reset_at_ms=begun.reset_at_ms,
             retry_after_ms=begun.retry_after_ms,
             now_ms=call.now_ms,
+            policy=policy.name,
+            shadow=policy.shadow,
+            shadow_rejected=limited.shadow_rejected,
+            reason=REASONS.get(limited.reason, ""),
+            tokens=tokens,
+            tokens_needed=call.token_cost,
         )
         if begun.outcome == OUTCOME_REJECTED:
             raise RateLimitedError(call.client, decision)
+        if decision.shadow_rejected:
+            self._report_shadow_rejection(call, decision)
         return decision
+
+    def _report_shadow_rejection(self, call: Call, decision: Decision) -> None:
+        SHADOW_REJECTIONS.labels(decision.policy, decision.reason).inc()
+        self._warnings.warning(
+            f"shadow {decision.policy}",
+            "shadow policy %s would have rejected a call from %s (over its %s limit); "
+            "admitted it",
+            decision.policy,
+            call.client,
+            decision.reason,
+        )
+
+    async def _settle_tokens(self, call: Call, result: GenerateResult) -> GenerateResult:
+        """Replace the call's token estimate with the tokens it used, and report
+        the budget left. A cache hit uses no tokens, because no model ran.
+
+        A call admitted only by a shadow policy was never charged. When the
+        generator fails, this is not reached and the estimate stays charged.
+        NOTE: GenerateStream keeps the estimate charged; only Generate settles.
+        """
+        decision = result.decision
+        if decision is None or decision.tokens is None or decision.shadow_rejected:
+            return result
+        used = 0 if result.cached else result.usage.total_tokens
+        delta = used - call.token_cost
+        if delta == 0:
+            return result
+        window_ms = call.policy.window_ms
+        charged_window = call.now_ms // window_ms
+        try:
+            remaining = await self.scripts.charge_tokens(
+                keys=[call.tokens_key(self.keys)],
+                args=[charged_window, delta, decision.tokens.limit, window_ms, self.now_ms()],
+            )
+        except (RedisError, OSError) as error:
+            self._warnings.warning(
+                "charge", "could not charge %d tokens to %s: %s", used, call.client, error
+            )
+            return result
+        tokens = dataclasses.replace(decision.tokens, remaining=int(remaining))
+        return dataclasses.replace(result, decision=dataclasses.replace(decision, tokens=tokens))
 
     async def _resolve_wait(self, call: Call, begun: Begun) -> Claimed:
         """Return the claim of an admitted call: a hit, a miss (this call

@@ -30,7 +30,8 @@ KIND_CACHE = "cache"
 KIND_LOCK = "lock"
 KIND_STATS = "stats"
 KIND_ACTIVITY = "activity"
-KINDS = (KIND_RATELIMIT, KIND_CACHE, KIND_LOCK, KIND_STATS, KIND_ACTIVITY)
+KIND_TOKENS = "tokens"
+KINDS = (KIND_RATELIMIT, KIND_CACHE, KIND_LOCK, KIND_STATS, KIND_ACTIVITY, KIND_TOKENS)
 
 # Rate-limit windows of real clients and of Simulate's clients live in
 # separate namespaces, so a burst never touches a real client's window.
@@ -100,6 +101,26 @@ class KeySpace:
     def window(self, namespace: str, client: str) -> str:
         """Return the key of the sorted set that is one client's sliding window."""
         return f"{self._tag(self.client_shard(client))}:{KIND_RATELIMIT}:{namespace}:{client}"
+
+    def limit_state(self, policy: str, algorithm: str, namespace: str, client: str) -> str:
+        """Return the key of one client's state under a limit policy.
+
+        The sliding log of the policy named "default" is the window() key, so
+        a deployment keeps its windows when it starts using a policy file.
+        Other keys name the algorithm, so a policy whose algorithm changes on
+        reload starts from a fresh key instead of one of another type.
+        """
+        if policy == "default" and algorithm == "sliding_log":
+            return self.window(namespace, client)
+        tag = self._tag(self.client_shard(client))
+        return f"{tag}:{KIND_RATELIMIT}:{algorithm}.{policy}:{namespace}:{client}"
+
+    def tokens(self, policy: str, namespace: str, client: str, model: str | None = None) -> str:
+        """Return the key of one client's token-budget counter under a policy,
+        per model when model is set."""
+        tag = self._tag(self.client_shard(client))
+        scope = f"{policy}@{model}" if model is not None else policy
+        return f"{tag}:{KIND_TOKENS}:{scope}:{namespace}:{client}"
 
     def cache(self, cache_key: str) -> str:
         return f"{self._tag(self.cache_shard(cache_key))}:{KIND_CACHE}:{cache_key}"

@@ -79,6 +79,7 @@ class Scripts:
     complete_generate: Script
     release_lock: Script
     extend_lock: Script
+    charge_tokens: Script
     pipeline: AutoPipeline | None = None
 
     @classmethod
@@ -99,6 +100,9 @@ class Scripts:
             ),
             extend_lock=Script(
                 redis, read_script("extend_lock.lua", with_common=False), "extend_lock"
+            ),
+            charge_tokens=Script(
+                redis, read_script("charge_tokens.lua", with_common=False), "charge_tokens"
             ),
             pipeline=pipeline,
         )

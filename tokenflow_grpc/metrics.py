@@ -78,6 +78,12 @@ LIMITER_DECISIONS = Counter(
     "Rate-limit decisions of Generate and Simulate's requests, by decision.",
     ["decision"],
 )
+SHADOW_REJECTIONS = Counter(
+    "tokenflow_shadow_rejections_total",
+    "Generate calls that a shadow policy admitted but would have rejected, by policy and "
+    "by the limit exceeded (requests or tokens).",
+    ["policy", "reason"],
+)
 CACHE_HITS = Counter(
     "tokenflow_cache_hits_total",
     "Admitted requests answered from the cache, as the Valkey counters count them.",

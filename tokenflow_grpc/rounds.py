@@ -12,6 +12,7 @@ shard. The event goes to the activity stream's slot, which no shard shares.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -30,6 +31,7 @@ from tokenflow_grpc.generator import GenerationRequest
 from tokenflow_grpc.keys import KeySpace
 from tokenflow_grpc.logs import RepeatLimiter
 from tokenflow_grpc.lua import Scripts
+from tokenflow_grpc.policies import Policy
 from tokenflow_grpc.settings import Settings
 from tokenflow_grpc.stats import BUCKET_TTL_SECONDS, minute_of
 
@@ -58,7 +60,8 @@ class Call:
     """One Generate call, as its rounds need it.
 
     token is the request id: the call's member in the window and its lock token.
-    limit is the requests admitted per window for this call's client.
+    policy is the limit policy matched for the call's client and model, and
+    token_cost the tokens the call is admitted with (0 without a budget).
     """
 
     request: GenerationRequest
@@ -68,11 +71,56 @@ class Call:
     token: str
     skip_cache: bool
     now_ms: int
-    limit: int
+    policy: Policy
+    token_cost: int = 0
 
     @property
     def prompt_excerpt(self) -> str:
         return self.request.prompt[:PROMPT_EXCERPT_CHARS]
+
+    def state_key(self, keys: KeySpace) -> str:
+        policy = self.policy
+        return keys.limit_state(policy.name, policy.algorithm, self.namespace, self.client)
+
+    def tokens_key(self, keys: KeySpace) -> str:
+        model = self.request.model if self.policy.tokens_per_model else None
+        return keys.tokens(self.policy.name, self.namespace, self.client, model)
+
+    def policy_args(self) -> list[object]:
+        """Return the policy arguments that begin_generate and limit_generate take last."""
+        policy = self.policy
+        return [
+            policy.algorithm,
+            policy.capacity,
+            "1" if policy.shadow else "0",
+            policy.tokens or 0,
+            self.token_cost,
+            policy.window_ms,
+        ]
+
+
+@dataclass(frozen=True)
+class Limited:
+    """The values that limit_call (scripts/_common.lua) returns besides the outcome.
+
+    reason: 0 admitted, 1 over the request limit, 2 over the token budget;
+    tokens_remaining is -1 without a token budget.
+    """
+
+    reason: int = 0
+    tokens_remaining: int = -1
+    tokens_reset_ms: int = 0
+    shadow_rejected: bool = False
+
+    @classmethod
+    def from_reply(cls, values: list[object]) -> Limited:
+        reason, tokens_remaining, tokens_reset_ms, shadow_rejected = values
+        return cls(
+            int(reason),  # type: ignore[call-overload]
+            int(tokens_remaining),  # type: ignore[call-overload]
+            int(tokens_reset_ms),  # type: ignore[call-overload]
+            bool(int(shadow_rejected)),  # type: ignore[call-overload]
+        )
 
 
 @dataclass(frozen=True)
@@ -88,6 +136,7 @@ class Begun:
     retry_after_ms: int
     cached_text: str | None
     event_id: str | None
+    limited: Limited = Limited()
 
 
 @dataclass(frozen=True)
@@ -131,7 +180,7 @@ class SingleSlotRounds:
         minute = minute_of(call.now_ms)
         reply = await self.scripts.begin_generate(
             keys=[
-                keys.window(call.namespace, call.client),
+                call.state_key(keys),
                 keys.cache(call.cache_key),
                 keys.lock(call.cache_key),
                 keys.counters(shard),
@@ -139,11 +188,12 @@ class SingleSlotRounds:
                 keys.blocked_bucket(shard, minute),
                 keys.consumers(shard, minute),
                 keys.activity,
+                call.tokens_key(keys),
             ],
             args=[
                 call.now_ms,
-                call.limit,
-                self.settings.rate_window_ms,
+                call.policy.requests,
+                call.policy.window_ms,
                 call.token,
                 self.lock_ttl_ms,
                 call.client,
@@ -152,9 +202,10 @@ class SingleSlotRounds:
                 self.settings.activity_max_events,
                 "0" if call.skip_cache else "1",
                 BUCKET_TTL_SECONDS,
+                *call.policy_args(),
             ],
         )
-        outcome, remaining, reset_at_ms, retry_after_ms, cached_text, event_id = reply
+        outcome, remaining, reset_at_ms, retry_after_ms, cached_text, event_id = reply[:6]
         return Begun(
             outcome=int(outcome),
             remaining=int(remaining),
@@ -162,6 +213,7 @@ class SingleSlotRounds:
             retry_after_ms=int(retry_after_ms),
             cached_text=cached_text,
             event_id=event_id,
+            limited=Limited.from_reply(reply[6:]),
         )
 
     async def claim(self, call: Call) -> Claimed:
@@ -213,15 +265,19 @@ class ShardedRounds:
         # the call, the call stays in the window and in the requests counter
         # but in no hit or miss count, and the caller treats the call as one
         # that could not reach Valkey.
-        outcome, remaining, reset_at_ms, retry_after_ms, cached_text = await self._limit(call)
+        limited = await self._limit(call)
+        outcome = limited.outcome
         if outcome == OUTCOME_ADMITTED:
             claimed = await self.claim(call)
-            return Begun(
-                claimed.outcome, remaining, reset_at_ms, 0, claimed.cached_text, claimed.event_id
+            return dataclasses.replace(
+                limited,
+                outcome=claimed.outcome,
+                cached_text=claimed.cached_text,
+                event_id=claimed.event_id,
             )
 
         event_id = await self._record_event(call, outcome)
-        return Begun(outcome, remaining, reset_at_ms, retry_after_ms, cached_text, event_id)
+        return dataclasses.replace(limited, event_id=event_id)
 
     async def claim(self, call: Call) -> Claimed:
         keys = self.keys
@@ -237,18 +293,19 @@ class ShardedRounds:
         event_id = await self._record_event(call, int(outcome))
         return Claimed(int(outcome), cached_text, event_id)
 
-    async def _limit(self, call: Call) -> tuple[int, int, int, int, str | None]:
+    async def _limit(self, call: Call) -> Begun:
         """Run limit_generate in the client's shard, with the cache claim when
-        the cache entry is in the same shard."""
+        the cache entry is in the same shard. The result has no event id."""
         keys = self.keys
         shard = keys.client_shard(call.client)
         minute = minute_of(call.now_ms)
         script_keys = [
-            keys.window(call.namespace, call.client),
+            call.state_key(keys),
             keys.counters(shard),
             keys.requests_bucket(shard, minute),
             keys.blocked_bucket(shard, minute),
             keys.consumers(shard, minute),
+            call.tokens_key(keys),
         ]
         if not call.skip_cache and keys.cache_shard(call.cache_key) == shard:
             script_keys += [keys.cache(call.cache_key), keys.lock(call.cache_key)]
@@ -256,17 +313,26 @@ class ShardedRounds:
             keys=script_keys,
             args=[
                 call.now_ms,
-                call.limit,
-                self.settings.rate_window_ms,
+                call.policy.requests,
+                call.policy.window_ms,
                 call.token,
                 self.lock_ttl_ms,
                 call.client,
                 "0" if call.skip_cache else "1",
                 BUCKET_TTL_SECONDS,
+                *call.policy_args(),
             ],
         )
-        outcome, remaining, reset_at_ms, retry_after_ms, cached_text = reply
-        return int(outcome), int(remaining), int(reset_at_ms), int(retry_after_ms), cached_text
+        outcome, remaining, reset_at_ms, retry_after_ms, cached_text = reply[:5]
+        return Begun(
+            outcome=int(outcome),
+            remaining=int(remaining),
+            reset_at_ms=int(reset_at_ms),
+            retry_after_ms=int(retry_after_ms),
+            cached_text=cached_text,
+            event_id=None,
+            limited=Limited.from_reply(reply[5:]),
+        )
 
     async def _record_event(self, call: Call, outcome: int) -> str | None:
         """Add the event of outcome to the activity stream and return its id.

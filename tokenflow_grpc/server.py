@@ -21,7 +21,7 @@ from tokenflow_grpc.errors import TokenFlowError
 from tokenflow_grpc.generator import GenerationRequest, Generator, SimulatedGenerator, Usage
 from tokenflow_grpc.identity import client_identity
 from tokenflow_grpc.input_limits import SimulateLimit, WatcherLimit, grpc_size_options
-from tokenflow_grpc.limiter import Decision
+from tokenflow_grpc.limiter import Decision, TokenState
 from tokenflow_grpc.metrics import VALKEY_UP, MetricsServer
 from tokenflow_grpc.observability import ObservabilityInterceptor
 from tokenflow_grpc.reflection import enable_reflection
@@ -74,6 +74,18 @@ def rate_limit_message(decision: Decision) -> pb.RateLimit:
         remaining=decision.remaining,
         reset_at=_timestamp(decision.reset_at_ms),
         window=_duration(decision.window_ms),
+        policy=decision.policy,
+        shadow=decision.shadow,
+        shadow_rejected=decision.shadow_rejected,
+    )
+
+
+def token_budget_message(tokens: TokenState) -> pb.TokenBudget:
+    return pb.TokenBudget(
+        limit=tokens.limit,
+        remaining=tokens.remaining,
+        reset_at=_timestamp(tokens.reset_at_ms),
+        window=_duration(tokens.window_ms),
     )
 
 
@@ -214,6 +226,8 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
         )
         if result.decision is not None:
             response.rate_limit.CopyFrom(rate_limit_message(result.decision))
+            if result.decision.tokens is not None:
+                response.token_budget.CopyFrom(token_budget_message(result.decision.tokens))
         await context.send_initial_metadata(generate_metadata(result.decision, result.cache_key))
         return response
 
@@ -519,6 +533,10 @@ class TokenFlowServer:
         credentials = server_credentials(self.settings.tls_cert, self.settings.tls_key)
         port = self.server.add_secure_port(address, credentials)
         return port
+
+    def reload_policies(self) -> bool:
+        """Read --policies-file again; see TokenFlow.reload_policies."""
+        return self.core.reload_policies()
 
     async def stop(self, grace: float = 10.0) -> None:
         """Report NOT_SERVING, drain in-flight calls for up to grace seconds, then close."""

@@ -478,6 +478,14 @@ class Settings:
         "through the environment.",
         "",
     )
+    policies_file: str = _option(
+        "--policies-file",
+        "TOKENFLOW_POLICIES_FILE",
+        "TOML file of limit policies ([[policies]] tables), matched per client or API key "
+        "and per model; reloaded on SIGHUP. Empty: the --rate-limit / --rate-window "
+        "sliding log for every client.",
+        "",
+    )
     tls_cert: str = _option(
         "--tls-cert",
         "TOKENFLOW_TLS_CERT",

@@ -1,4 +1,4 @@
-"""SIGTERM and SIGINT handling shared by the long-running commands."""
+"""SIGTERM, SIGINT and SIGHUP handling shared by the long-running commands."""
 
 from __future__ import annotations
 
@@ -38,3 +38,14 @@ class SignalCounter:
             )
             self._second()
             self._second = None
+
+
+def handle_reload(action: Callable[[], object]) -> None:
+    """Run action at each SIGHUP, the signal that requests a reload of the policy file."""
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, _reload, action)
+
+
+def _reload(action: Callable[[], object]) -> None:
+    logger.info("received SIGHUP: reloading the policy file")
+    action()

@@ -22,7 +22,7 @@ from tokenflow_grpc.errors import (
     UpstreamRefusedError,
     UpstreamRejectedError,
 )
-from tokenflow_grpc.limiter import Decision
+from tokenflow_grpc.limiter import REASON_TOKENS, Decision
 
 DETAILS_METADATA_KEY = "grpc-status-details-bin"
 
@@ -39,24 +39,35 @@ def _rate_limited(error: RateLimitedError) -> tuple[status_pb2.Status, list[tupl
     retry_delay = duration_pb2.Duration()
     retry_delay.FromMilliseconds(decision.retry_after_ms)
     retry_info = error_details_pb2.RetryInfo(retry_delay=retry_delay)
+    window = f"{decision.window_ms / 1000:g} s"
+    retry = f"retry after {decision.retry_after_ms / 1000:.3f} s"
+    if decision.reason == REASON_TOKENS and decision.tokens is not None:
+        budget = decision.tokens.limit
+        description = (
+            f"token budget of {budget} tokens per {window} exceeded: the call needs an "
+            f"estimated {decision.tokens_needed} tokens and {decision.tokens.remaining} "
+            f"remain; {retry}"
+        )
+        message = (
+            f"token budget of {budget} tokens per {window} exceeded for client "
+            f"{error.client}; retry after {decision.retry_after_seconds} s"
+        )
+    else:
+        description = f"{decision.limit} requests per {window} exceeded; {retry}"
+        message = (
+            f"rate limit of {decision.limit} requests per {window} exceeded for client "
+            f"{error.client}; retry after {decision.retry_after_seconds} s"
+        )
     quota_failure = error_details_pb2.QuotaFailure(
         violations=[
             error_details_pb2.QuotaFailure.Violation(
-                subject=f"client:{error.client}",
-                description=(
-                    f"{decision.limit} requests per {decision.window_ms / 1000:g} s exceeded; "
-                    f"retry after {decision.retry_after_ms / 1000:.3f} s"
-                ),
+                subject=f"client:{error.client}", description=description
             )
         ]
     )
     status = status_pb2.Status(
         code=code_pb2.RESOURCE_EXHAUSTED,
-        message=(
-            f"rate limit of {decision.limit} requests per {decision.window_ms / 1000:g} s "
-            f"exceeded for client {error.client}; retry after "
-            f"{decision.retry_after_seconds} s"
-        ),
+        message=message,
         details=[_pack(retry_info), _pack(quota_failure)],
     )
     return status, decision.metadata()

@@ -35,7 +35,7 @@ from tokenflow_grpc.logformat import configure_logging
 from tokenflow_grpc.metrics import MultiprocessMetrics
 from tokenflow_grpc.processes import child_preexec, relay_output
 from tokenflow_grpc.settings import Settings, parse_address, settings_from, settings_values
-from tokenflow_grpc.signals import SHUTDOWN_GRACE_SECONDS, SignalCounter
+from tokenflow_grpc.signals import SHUTDOWN_GRACE_SECONDS, SignalCounter, handle_reload
 
 logger = logging.getLogger(__name__)
 
@@ -363,6 +363,7 @@ async def run_worker(settings: Settings, index: int) -> None:
 
     signals = SignalCounter("draining calls; send it again to stop at once")
     server = TokenFlowServer(settings, reuse_port=True, worker_id=str(os.getpid()))
+    handle_reload(server.reload_policies)
     waits: list[asyncio.Task[object]] = []
     grace = 0.0  # Until the server runs, stopping needs no drain.
     try:
@@ -411,6 +412,9 @@ def _read_settings() -> tuple[int, Settings]:
 
 def main() -> int:
     """Run one worker with the settings its parent sends on stdin."""
+    # A SIGHUP that the parent forwards while this worker starts would end
+    # it; run_worker handles SIGHUP once its policies are loaded.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # Errors go to stderr as bare messages: the parent relays them and repeats
     # the last one in its own message when a worker fails at start.
     try:

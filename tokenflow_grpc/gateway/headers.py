@@ -22,8 +22,13 @@ RATE_LIMIT_HEADERS = {
     "x-ratelimit-limit": "X-RateLimit-Limit",
     "x-ratelimit-remaining": "X-RateLimit-Remaining",
     "x-ratelimit-reset": "X-RateLimit-Reset",
+    "x-ratelimit-limit-tokens": "X-RateLimit-Limit-Tokens",
+    "x-ratelimit-remaining-tokens": "X-RateLimit-Remaining-Tokens",
+    "x-ratelimit-shadow-rejected": "X-RateLimit-Shadow-Rejected",
     "retry-after": "Retry-After",
 }
+# Rate-limit metadata that only shapes the IETF RateLimit fields.
+RATE_LIMIT_FIELDS_ONLY = ("x-ratelimit-window", "x-ratelimit-policy")
 # Metadata that HTTP/2 or gRPC itself owns, never copied to HTTP headers.
 RESERVED_METADATA = {"content-type", "grpc-status", "grpc-message", "grpc-status-details-bin"}
 # Metadata that a client must not set through Grpc-Metadata-*: gRPC's own
@@ -170,19 +175,20 @@ def response_headers(
             if key in RATE_LIMIT_HEADERS:
                 headers[RATE_LIMIT_HEADERS[key]] = value
                 rate[key] = value
-            elif key == "x-ratelimit-window":
+            elif key in RATE_LIMIT_FIELDS_ONLY:
                 rate[key] = value
             else:
                 headers[prefix + key] = value
 
+    name = rate.get("x-ratelimit-policy", RATE_LIMIT_POLICY_NAME)
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+        name = RATE_LIMIT_POLICY_NAME
     if "x-ratelimit-limit" in rate and "x-ratelimit-window" in rate:
         headers["RateLimit-Policy"] = (
-            f'"{RATE_LIMIT_POLICY_NAME}";q={rate["x-ratelimit-limit"]};'
-            f"w={rate['x-ratelimit-window']}"
+            f'"{name}";q={rate["x-ratelimit-limit"]};w={rate["x-ratelimit-window"]}'
         )
     if "x-ratelimit-remaining" in rate and "x-ratelimit-reset" in rate:
         headers["RateLimit"] = (
-            f'"{RATE_LIMIT_POLICY_NAME}";r={rate["x-ratelimit-remaining"]};'
-            f"t={rate['x-ratelimit-reset']}"
+            f'"{name}";r={rate["x-ratelimit-remaining"]};t={rate["x-ratelimit-reset"]}'
         )
     return headers

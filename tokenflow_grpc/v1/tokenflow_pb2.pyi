@@ -163,6 +163,7 @@ class GenerateResponse(_message.Message):
     RATE_LIMIT_FIELD_NUMBER: _builtins.int
     CACHE_KEY_FIELD_NUMBER: _builtins.int
     USAGE_FIELD_NUMBER: _builtins.int
+    TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
     response: _builtins.str
     """The generated text."""
     cached: _builtins.bool
@@ -187,6 +188,12 @@ class GenerateResponse(_message.Message):
         call that generated it.
         """
 
+    @_builtins.property
+    def token_budget(self) -> Global___TokenBudget:
+        """The caller's token budget after this call, with the tokens this call
+        used charged. Unset when the matched policy has no token budget.
+        """
+
     def __init__(
         self,
         *,
@@ -196,10 +203,11 @@ class GenerateResponse(_message.Message):
         rate_limit: Global___RateLimit | None = ...,
         cache_key: _builtins.str = ...,
         usage: Global___Usage | None = ...,
+        token_budget: Global___TokenBudget | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limit", b"rate_limit", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limit", b"rate_limit", "token_budget", b"token_budget", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_key", b"cache_key", "cached", b"cached", "model", b"model", "rate_limit", b"rate_limit", "response", b"response", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_key", b"cache_key", "cached", b"cached", "model", b"model", "rate_limit", b"rate_limit", "response", b"response", "token_budget", b"token_budget", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -352,8 +360,10 @@ class GenerateStreamResponse(_message.Message):
 Global___GenerateStreamResponse: _TypeAlias = GenerateStreamResponse  # noqa: Y015
 
 @_typing.final
-class RateLimit(_message.Message):
-    """RateLimit is one client's sliding-window state."""
+class TokenBudget(_message.Message):
+    """TokenBudget is one client's tokens per window, counted with a
+    sliding-window counter.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -362,12 +372,12 @@ class RateLimit(_message.Message):
     RESET_AT_FIELD_NUMBER: _builtins.int
     WINDOW_FIELD_NUMBER: _builtins.int
     limit: _builtins.int
-    """Requests admitted per window."""
+    """Tokens admitted per window."""
     remaining: _builtins.int
-    """Requests the client may still make in the current window."""
+    """Tokens the client may still use in the current window."""
     @_builtins.property
     def reset_at(self) -> _timestamp_pb2.Timestamp:
-        """When the oldest request in the window expires and frees a slot."""
+        """When the current fixed window of the counter ends."""
 
     @_builtins.property
     def window(self) -> _duration_pb2.Duration:
@@ -384,6 +394,64 @@ class RateLimit(_message.Message):
     _HasFieldArgType: _TypeAlias = _typing.Literal["reset_at", b"reset_at", "window", b"window"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
     _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "remaining", b"remaining", "reset_at", b"reset_at", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TokenBudget: _TypeAlias = TokenBudget  # noqa: Y015
+
+@_typing.final
+class RateLimit(_message.Message):
+    """RateLimit is one client's rate-limit state under the policy that matched
+    the call.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMIT_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    RESET_AT_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    POLICY_FIELD_NUMBER: _builtins.int
+    SHADOW_FIELD_NUMBER: _builtins.int
+    SHADOW_REJECTED_FIELD_NUMBER: _builtins.int
+    limit: _builtins.int
+    """Requests admitted per window."""
+    remaining: _builtins.int
+    """Requests the client may still make in the current window."""
+    policy: _builtins.str
+    """Name of the limit policy that matched the call; "default" without a
+    policy file.
+    """
+    shadow: _builtins.bool
+    """True when the policy is in shadow mode: it counts and reports, but never
+    rejects.
+    """
+    shadow_rejected: _builtins.bool
+    """True when a shadow policy would have rejected this call."""
+    @_builtins.property
+    def reset_at(self) -> _timestamp_pb2.Timestamp:
+        """When the oldest request in the window expires and frees a slot."""
+
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration:
+        """The window length; for a token bucket, the time in which the bucket
+        refills `limit` requests.
+        """
+
+    def __init__(
+        self,
+        *,
+        limit: _builtins.int = ...,
+        remaining: _builtins.int = ...,
+        reset_at: _timestamp_pb2.Timestamp | None = ...,
+        window: _duration_pb2.Duration | None = ...,
+        policy: _builtins.str = ...,
+        shadow: _builtins.bool = ...,
+        shadow_rejected: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reset_at", b"reset_at", "window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "policy", b"policy", "remaining", b"remaining", "reset_at", b"reset_at", "shadow", b"shadow", "shadow_rejected", b"shadow_rejected", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
