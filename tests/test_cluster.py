@@ -16,7 +16,7 @@ import redis.asyncio as redis_asyncio
 from grpc_health.v1 import health_pb2
 from redis.crc import key_slot
 
-from tests.cluster import LocalCluster, Node
+from tests.cluster import LocalCluster, Node, _free_ports
 from tests.conftest import CountingGenerator, Running, make_settings
 from tests.helpers import ActivityWatch
 from tests.test_outage import health_status, wait_for_health
@@ -437,3 +437,22 @@ async def check_recovered(running: Running, watch: ActivityWatch, decided: int) 
     counted = stats.cache.hits + stats.cache.misses + stats.rate_limit.blocked_total
     assert counted == decided + 1
     assert await health_status(channel, "valkey") == SERVING
+
+
+async def test_url_list_reaches_the_cluster_past_a_dead_node(
+    start_server: Any, valkey_cluster: LocalCluster
+) -> None:
+    """--valkey-url may list several nodes; the client starts from any that answers."""
+    dead = f"127.0.0.1:{_free_ports(1)[0]}"
+    live = valkey_cluster.url.removeprefix("redis://").split("/")[0]
+    running: Running = await start_server(
+        f"redis://{dead},{live}", valkey_cluster=True, rate_limit=2
+    )
+
+    first = await running.client.generate("through the second node")
+    second = await running.client.generate("through the second node")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await running.client.generate("through the second node")
+
+    assert not first.response.cached and second.response.cached
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

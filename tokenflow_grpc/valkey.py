@@ -8,7 +8,7 @@ import urllib.parse
 from typing import Any
 
 import redis.asyncio as redis_asyncio
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ClusterDownError, SlotNotCoveredError
@@ -32,6 +32,7 @@ _RETRY_ATTEMPTS = 1
 # MaxConnectionsError there instead, which Generate would take for an
 # unreachable Valkey and answer without a limit.
 MAX_CONNECTIONS = 100
+CLUSTER_MAX_CONNECTIONS_PER_NODE = 100_000
 
 
 class ClusterClient(RedisCluster):
@@ -109,13 +110,29 @@ def connect(
         # Without full coverage the client keeps serving the other slots while
         # one has no primary, between a primary's failure and its replica's promotion.
         # NOTE: RedisCluster keeps its own connections per node and raises
-        # MaxConnectionsError at its cap instead of waiting, which Generate would
-        # take for an outage, so max_connections is left at redis-py's (unbounded).
-        return ClusterClient.from_url(url, require_full_coverage=False, **options)
+        # MaxConnectionsError at its cap (100 by default in redis-py 8.2) instead
+        # of waiting, which Generate would take for an outage and answer without
+        # a limit; the cap is therefore set far above any number of calls in flight.
+        first, *others = url.split(",")
+        return ClusterClient.from_url(
+            first,
+            startup_nodes=[_cluster_node(other) for other in others],
+            require_full_coverage=False,
+            max_connections=CLUSTER_MAX_CONNECTIONS_PER_NODE,
+            **options,
+        )
     pool = redis_asyncio.BlockingConnectionPool.from_url(
         url, max_connections=max_connections, timeout=timeout, **options
     )
     return redis_asyncio.Redis.from_pool(pool)
+
+
+def _cluster_node(address: str) -> ClusterNode:
+    """Return the startup node of one more cluster address: HOST:PORT or a URL."""
+    parts = urllib.parse.urlsplit(address if "://" in address else f"redis://{address}")
+    if not parts.hostname:
+        raise ConfigurationError(f"invalid Valkey Cluster node {address!r}: expected HOST:PORT")
+    return ClusterNode(parts.hostname, parts.port or 6379)
 
 
 async def ping(redis: Any) -> None:
