@@ -336,3 +336,16 @@ async def test_gateway_stream_has_request_id(gateway: RunningGateway) -> None:
 
     assert status == 200
     assert request_id == "stream-1"
+
+
+def test_gateway_child_gets_no_metrics_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway records no server metrics, so it must not add samples to the workers' sum."""
+    from tokenflow_grpc.gateway.process import _gateway_environment
+
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", "/tmp/tokenflow-metrics-test")
+    monkeypatch.setenv("TOKENFLOW_LOG_LEVEL", "DEBUG")
+
+    environment = _gateway_environment()
+
+    assert "PROMETHEUS_MULTIPROC_DIR" not in environment
+    assert environment["TOKENFLOW_LOG_LEVEL"] == "DEBUG"

@@ -25,7 +25,12 @@ from tests.conftest import Running, make_settings
 from tokenflow_grpc.apikeys import ApiKey, entry_toml, hash_secret, new_secret
 from tokenflow_grpc.client import AsyncTokenFlowClient
 from tokenflow_grpc.errors import ConfigurationError
-from tokenflow_grpc.tls import channel_credentials, channel_options, https_context
+from tokenflow_grpc.tls import (
+    channel_credentials,
+    channel_options,
+    https_context,
+    server_credentials,
+)
 
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=10.0)
 VALKEY_START_SECONDS = 10.0
@@ -344,3 +349,14 @@ async def test_serve_tls_gateway_https_with_key(
     assert "gRPC on 127.0.0.1:" in lines[0]
     assert gateway_url.startswith("https://127.0.0.1:")
     assert status == 200
+
+
+def test_mismatched_key_is_named(certificates: CertificateFiles, tmp_path: Path) -> None:
+    (tmp_path / "other").mkdir()
+    other = make_certificates(tmp_path / "other", ca_name="Another test CA")
+
+    with pytest.raises(ConfigurationError) as caught:
+        server_credentials(str(certificates.server_cert), str(other.server_key))
+
+    assert "--tls-key" in str(caught.value)
+    assert "is not the private key of --tls-cert" in str(caught.value)

@@ -118,6 +118,14 @@ async def test_simulate_zero_means_fifty(running_valkey: Running) -> None:
     assert len(report.results) == 50
 
 
+async def test_simulate_zero_stays_under_the_cap(start_server: Any, valkey_url: str) -> None:
+    running = await start_server(valkey_url, simulate_max_count=30)
+
+    report = await running.client.simulate(0)
+
+    assert report.summary.total == 30
+
+
 @pytest.mark.parametrize("limit", [-1, 101], ids=["negative", "over maximum"])
 async def test_stats_rejects_bad_activity_limit(running_valkey: Running, limit: int) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as caught:

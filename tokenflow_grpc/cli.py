@@ -391,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
             "--timeout",
             type=_positive_seconds,
             default=DEFAULT_TIMEOUT,
-            help=f"Deadline of each call, in seconds (default {DEFAULT_TIMEOUT:g}).",
+            help=f"Deadline of each call, in seconds (default {DEFAULT_TIMEOUT:g}); "
+            "watch follows its stream without a deadline until interrupted or --count events.",
         )
         add_client_security_arguments(command)
         return command

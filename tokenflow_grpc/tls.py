@@ -28,7 +28,21 @@ def server_credentials(cert_path: str, key_path: str) -> Any:
     """Return grpc.ssl_server_credentials for a certificate chain and its private key."""
     chain = read_pem(cert_path, "--tls-cert")
     key = read_pem(key_path, "--tls-key")
+    check_key_pair(cert_path, key_path, "--tls-cert", "--tls-key")
     return grpc.ssl_server_credentials([(key, chain)])
+
+
+def check_key_pair(cert_path: str, key_path: str, cert_flag: str, key_flag: str) -> None:
+    """Raise ConfigurationError unless the key in key_path belongs to the first
+    certificate in cert_path. gRPC would only fail to listen, naming the port."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert_path, key_path)
+    except ssl.SSLError as error:
+        raise ConfigurationError(
+            f"{key_flag} {key_path!r} is not the private key of {cert_flag} {cert_path!r}: "
+            f"{error.reason or error}"
+        ) from error
 
 
 def channel_credentials(ca_path: str | None, flag: str = "--ca-cert") -> Any:

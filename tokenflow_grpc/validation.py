@@ -153,7 +153,7 @@ def activity_limit(message: pb.GetStatsRequest) -> int:
 
 
 def simulate_count(message: pb.SimulateRequest, settings: Settings) -> int:
-    """Return the burst size: 0 means the default."""
+    """Return the burst size: 0 means the default, or --simulate-max-count when that is smaller."""
     count = message.count
     if not 0 <= count <= settings.simulate_max_count:
         _raise_if(
@@ -165,7 +165,7 @@ def simulate_count(message: pb.SimulateRequest, settings: Settings) -> int:
                 )
             ]
         )
-    return count or DEFAULT_SIMULATE_COUNT
+    return count or min(DEFAULT_SIMULATE_COUNT, settings.simulate_max_count)
 
 
 def watch_filter(message: pb.WatchActivityRequest) -> tuple[str, list[str]]:

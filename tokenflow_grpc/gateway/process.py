@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import signal
 import sys
@@ -78,6 +79,7 @@ class GatewayProcess:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
+            env=_gateway_environment(),
             start_new_session=True,
             preexec_fn=child_preexec(),
         )
@@ -116,3 +118,10 @@ class GatewayProcess:
                 self.port = await self._spawn()
             except OSError as error:
                 logger.error("gateway restart failed: %s", error)
+
+
+def _gateway_environment() -> dict[str, str]:
+    """The environment of the gateway child: the server's, without the metrics
+    directory of `serve --workers N`, where the gateway, which records no server
+    metrics, would otherwise add its own (Valkey down) samples to the workers' sum."""
+    return {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"}
