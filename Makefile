@@ -74,7 +74,10 @@ test: $(STAMP) $(BUF) $(NODE_CLIENT) proto-deps browser
 # round trips, WatchActivity fan-out and limiter memory (about three minutes;
 # BENCH_ARGS=--quick: half a minute), then Generate cache hits with 1, 2 and 4
 # workers against a bare gRPC server (about three minutes). Each writes its
-# results into bench/README.md. Not part of `make test`.
+# results into bench/README.md. Not part of `make test`. BENCH_ARGS goes to the
+# first part, BENCH_WORKERS_ARGS to the second, e.g. for a short trial run:
+#   make bench BENCH_ARGS="--quick --no-readme" \
+#     BENCH_WORKERS_ARGS="--workers 1,2 --levels 1,16 --rounds 1 --no-readme"
 bench: $(STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
 	$(BIN)/python -m bench.workers $(BENCH_WORKERS_ARGS)

@@ -26,6 +26,7 @@ import argparse
 import datetime
 import json
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -413,6 +414,9 @@ def validate(arguments: Any) -> str | None:
 
 
 def main() -> int:
+    # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so every server this
+    # benchmark started is stopped by its context manager.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     arguments = build_parser().parse_args()
     if arguments.quick:
         for name, value in QUICK.items():

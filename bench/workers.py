@@ -20,6 +20,7 @@ import argparse
 import datetime
 import json
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -273,6 +274,9 @@ def results_section(
 
 
 def main() -> int:
+    # SIGTERM (a CI timeout, kill) unwinds like Ctrl-C, so every server this
+    # benchmark started is stopped by its context manager.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     arguments = build_parser().parse_args()
     try:
         levels = parse_levels(arguments.levels)
