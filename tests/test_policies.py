@@ -128,6 +128,11 @@ def test_key_limit_replaces_unnamed_policy_requests() -> None:
         ('name = "a"\nrequests = 1\nwindow = "1s"\nkeys = ["no spaces"]', "not an API key id"),
         ('name = "a"\nrequests = 1\nwindow = "1s"\nlimit = 4', "unknown fields ['limit']"),
         ('name = "a b"\nrequests = 1\nwindow = "1s"', "policy 1 in test.toml: name must be"),
+        ('name = "a"\nrequests = 1\nwindow = "1s"\ntokens = 100', "must be below tokens (100)"),
+        (
+            'name = "a"\nrequests = 1\nwindow = "1s"\nclients = ["127.0.1.0/24"]',
+            "networks are not supported",
+        ),
     ],
 )
 def test_invalid_entry_names_entry_and_field(entry: str, message: str) -> None:

@@ -179,3 +179,41 @@ async def test_shadow_policy_never_rejects(
     assert [r.response.rate_limit.remaining for r in replies] == [1, 0, 0, 0, 0]
     assert stats.rate_limit.blocked_total == 0
     assert shadow_count(name) - before == 3
+
+
+async def test_request_larger_than_the_budget_is_invalid(
+    start_server: Any, valkey_url: str, tmp_path: Path
+) -> None:
+    """A call that could never fit gets INVALID_ARGUMENT, not a 429 to retry forever."""
+    path = policy_file(
+        tmp_path, '[[policies]]\nname = "small"\nrequests = 100\nwindow = "1h"\ntokens = 300\n'
+    )
+    running = await start_server(valkey_url, clock=ManualClock(), policies_file=path)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await running.client.generate("a prompt", max_tokens=1000)
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "token budget of 300" in (caught.value.details() or "")
+
+
+async def test_stream_charges_the_usage(
+    start_server: Any, valkey_url: str, tmp_path: Path
+) -> None:
+    path = policy_file(
+        tmp_path,
+        '[[policies]]\nname = "all"\nrequests = 100\nwindow = "1h"\ntokens = 5000\n'
+        "default_max_tokens = 1000\n",
+    )
+    running = await start_server(valkey_url, clock=ManualClock(), policies_file=path)
+    stub = pb_grpc.TokenFlowServiceStub(running.channel())
+    request = pb.GenerateStreamRequest(prompt="a streamed prompt of some length")
+
+    first = [message async for message in stub.GenerateStream(request, timeout=10.0)][-1]
+    again = [message async for message in stub.GenerateStream(request, timeout=10.0)][-1]
+
+    used = first.usage.total_tokens
+    assert used > 0
+    assert first.token_budget.remaining == 5000 - used
+    assert again.cached
+    assert again.token_budget.remaining == 5000 - used

@@ -591,3 +591,16 @@ async def test_gateway_stream_error_status(
 
     assert response.status == 400
     assert json.loads(text)["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+
+def test_upstream_error_text_masks_keys() -> None:
+    """Some upstreams echo the key they were sent; clients and logs must not see it."""
+    from tokenflow_grpc.upstream import _error_message
+
+    message_text = "Incorrect API key provided: Bearer sk-live-123456 (sk-abc_9876)"
+    body = ('{"error": {"message": "' + message_text + '"}}').encode()
+
+    message = _error_message(body)
+
+    assert "123456" not in message and "9876" not in message
+    assert message.startswith("Incorrect API key provided: ***")

@@ -26,8 +26,10 @@ from tokenflow_grpc.cache import (
 from tokenflow_grpc.errors import (
     BackendUnavailableError,
     ConfigurationError,
+    FieldViolation,
     GeneratorError,
     GeneratorTimeoutError,
+    InvalidArgumentError,
     RateLimitedError,
 )
 from tokenflow_grpc.generator import (
@@ -230,16 +232,17 @@ class TokenFlow:
 
         decision = self._decision(call, begun)
         claimed = await self._resolve_wait(call, begun)
-        if claimed.outcome == OUTCOME_HIT:
-            cached = decode_entry(claimed.cached_text or "", request)
-            chunks = _replay(cached)
-            return GenerationStream(call, decision, True, chunks, claimed.event_id)
-        if claimed.outcome == OUTCOME_MISS:
+        cached = claimed.outcome == OUTCOME_HIT
+        if cached:
+            chunks = _replay(decode_entry(claimed.cached_text or "", request))
+        elif claimed.outcome == OUTCOME_MISS:
             ttl = options.cache_ttl or self.settings.cache_ttl
             chunks = self._stream_and_store(call, ttl, deadline)
         else:
             chunks = self._relay(request, deadline)
-        return GenerationStream(call, decision, False, chunks, claimed.event_id)
+        stream = GenerationStream(call, decision, cached, chunks, claimed.event_id)
+        stream.wrap(lambda inner: self._settled(call, stream, inner))
+        return stream
 
     def _call(
         self, request: GenerationRequest, client: str, options: GenerateOptions
@@ -247,6 +250,18 @@ class TokenFlow:
         """Return the call's Call and its deadline in time.monotonic() seconds."""
         policy = self.policies.match(client, request.model, options.limit)
         token_cost = admission_tokens(request, policy.default_max_tokens) if policy.tokens else 0
+        if policy.tokens and token_cost > policy.tokens and not policy.shadow:
+            # It could never fit, so a rejection with retry-after would be retried forever.
+            raise InvalidArgumentError(
+                [
+                    FieldViolation(
+                        "max_tokens",
+                        f"the request needs about {token_cost} tokens (prompt and max_tokens), "
+                        f"more than the whole token budget of {policy.tokens} per window of "
+                        f"policy {policy.name!r}; ask for fewer max_tokens",
+                    )
+                ]
+            )
         call = Call(
             request,
             client,
@@ -309,19 +324,25 @@ class TokenFlow:
 
     async def _settle_tokens(self, call: Call, result: GenerateResult) -> GenerateResult:
         """Replace the call's token estimate with the tokens it used, and report
-        the budget left. A cache hit uses no tokens, because no model ran.
+        the budget left. A cache hit uses no tokens, because no model ran."""
+        used = 0 if result.cached else result.usage.total_tokens
+        decision = await self._charge_usage(call, result.decision, used)
+        return dataclasses.replace(result, decision=decision)
+
+    async def _charge_usage(
+        self, call: Call, decision: Decision | None, used: int
+    ) -> Decision | None:
+        """Charge the difference between used and the call's admission estimate
+        to its token budget, and return decision with the budget left.
 
         A call admitted only by a shadow policy was never charged. When the
         generator fails, this is not reached and the estimate stays charged.
-        NOTE: GenerateStream keeps the estimate charged; only Generate settles.
         """
-        decision = result.decision
         if decision is None or decision.tokens is None or decision.shadow_rejected:
-            return result
-        used = 0 if result.cached else result.usage.total_tokens
+            return decision
         delta = used - call.token_cost
         if delta == 0:
-            return result
+            return decision
         window_ms = call.policy.window_ms
         charged_window = call.now_ms // window_ms
         try:
@@ -333,9 +354,21 @@ class TokenFlow:
             self._warnings.warning(
                 "charge", "could not charge %d tokens to %s: %s", used, call.client, error
             )
-            return result
+            return decision
         tokens = dataclasses.replace(decision.tokens, remaining=int(remaining))
-        return dataclasses.replace(result, decision=dataclasses.replace(decision, tokens=tokens))
+        return dataclasses.replace(decision, tokens=tokens)
+
+    async def _settled(
+        self, call: Call, stream: GenerationStream, chunks: AsyncGenerator[Chunk, None]
+    ) -> AsyncGenerator[Chunk, None]:
+        """Relay a stream's chunks; at its usage chunk, charge the tokens used
+        and update stream.decision, which the last message reports."""
+        async with contextlib.aclosing(chunks):
+            async for chunk in chunks:
+                if chunk.usage is not None:
+                    used = 0 if stream.cached else chunk.usage.total_tokens
+                    stream.decision = await self._charge_usage(call, stream.decision, used)
+                yield chunk
 
     async def _resolve_wait(self, call: Call, begun: Begun) -> Claimed:
         """Return the claim of an admitted call: a hit, a miss (this call
@@ -570,6 +603,13 @@ class GenerationStream:
         self.cached = cached
         self.event_id = event_id
         self._chunks = chunks
+
+    def wrap(
+        self,
+        wrapper: Callable[[AsyncGenerator[Chunk, None]], AsyncGenerator[Chunk, None]],
+    ) -> None:
+        """Pass the chunks through wrapper before the caller sees them."""
+        self._chunks = wrapper(self._chunks)
 
     def __aiter__(self) -> AsyncGenerator[Chunk, None]:
         return self._chunks

@@ -282,6 +282,12 @@ def _parse_match(
     entry: dict[str, Any], where: str, settings: Settings
 ) -> tuple[set[str], set[str]]:
     clients = set(_names(entry, "clients", where))
+    for client in clients:
+        if "/" in client or any(c.isspace() for c in client):
+            raise ConfigurationError(
+                f"{where}: clients lists {client!r}, which is not one client identity; "
+                "list each address (or key:ID) on its own, networks are not supported"
+            )
     for key_id in _names(entry, "keys", where):
         if not KEY_ID.fullmatch(key_id):
             raise ConfigurationError(
@@ -351,6 +357,11 @@ def _parse_entry(entry: Any, index: int, source: str, settings: Settings) -> Pol
     if tokens is None and (tokens_per_model or default_max_tokens is not None):
         raise ConfigurationError(
             f"{where}: tokens_per_model and default_max_tokens need a token budget; set tokens"
+        )
+    if tokens is not None and (default_max_tokens or DEFAULT_MAX_TOKENS) >= tokens:
+        raise ConfigurationError(
+            f"{where}: default_max_tokens ({default_max_tokens or DEFAULT_MAX_TOKENS}) must be "
+            f"below tokens ({tokens}), or no request without max_tokens could ever fit the budget"
         )
     clients, models = _parse_match(entry, where, settings)
     return Policy(

@@ -263,6 +263,8 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
         )
         if stream.decision is not None:
             last.rate_limit.CopyFrom(rate_limit_message(stream.decision))
+            if stream.decision.tokens is not None:
+                last.token_budget.CopyFrom(token_budget_message(stream.decision.tokens))
         yield last
 
     async def GetStats(

@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -47,6 +48,8 @@ REJECTED_STATUSES = frozenset({400, 404, 413, 422})
 RETRIED_STATUSES = frozenset({408, 429})
 # The end of an OpenAI-style stream.
 STREAM_DONE = "[DONE]"
+# Bearer credentials and key-shaped words (sk-..., tfk_...) in upstream error text.
+SECRET_LIKE = re.compile(r"(?i)\bbearer\s+\S+|\b(?:sk|rk|pk|tfk)[-_][A-Za-z0-9_\-]{4,}")
 # Bytes of an error response body read for its message.
 MAX_ERROR_BODY_BYTES = 4096
 
@@ -86,7 +89,9 @@ class UpstreamGenerator:
     ) -> UpstreamGenerator:
         """Build the generator of --upstream-url, with the key from --upstream-api-key-env."""
         environ = os.environ if environ is None else environ
-        api_key = environ.get(settings.upstream_api_key_env, "")
+        # A trailing newline (from `$(cat file)` or an env file) is not part of the key
+        # and would make every request header invalid.
+        api_key = environ.get(settings.upstream_api_key_env, "").strip()
         if not api_key:
             logger.info(
                 "environment variable %s is unset or empty, so upstream requests carry no API key",
@@ -283,15 +288,21 @@ def _status_error(status: int, body: bytes, headers: Mapping[str, str]) -> Gener
 
 
 def _error_message(body: bytes) -> str:
-    """Return the message of an OpenAI-style error body, or its text."""
+    """Return the message of an OpenAI-style error body, or its text, with
+    anything that looks like a key masked: some upstreams echo the key they
+    were sent, and this message goes to clients and logs."""
     text = body.decode("utf-8", errors="replace").strip()
     try:
         parsed = json.loads(text)
     except ValueError:
-        return text
+        return _mask_secrets(text)
     if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
-        return str(parsed["error"].get("message", ""))
-    return text
+        return _mask_secrets(str(parsed["error"].get("message", "")))
+    return _mask_secrets(text)
+
+
+def _mask_secrets(text: str) -> str:
+    return SECRET_LIKE.sub("***", text)
 
 
 def _retry_after_ms(value: str | None) -> int | None:

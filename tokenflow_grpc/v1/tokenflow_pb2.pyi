@@ -323,6 +323,7 @@ class GenerateStreamResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     RATE_LIMIT_FIELD_NUMBER: _builtins.int
     CACHE_KEY_FIELD_NUMBER: _builtins.int
+    TOKEN_BUDGET_FIELD_NUMBER: _builtins.int
     delta: _builtins.str
     """The next piece of the generated text; empty in the last message."""
     cached: _builtins.bool
@@ -341,6 +342,12 @@ class GenerateStreamResponse(_message.Message):
         call, unset when the server answered without Valkey.
         """
 
+    @_builtins.property
+    def token_budget(self) -> Global___TokenBudget:
+        """Set in the last message only: the caller's token budget after this call,
+        with the tokens the answer used charged. Unset without a token budget.
+        """
+
     def __init__(
         self,
         *,
@@ -350,10 +357,11 @@ class GenerateStreamResponse(_message.Message):
         usage: Global___Usage | None = ...,
         rate_limit: Global___RateLimit | None = ...,
         cache_key: _builtins.str = ...,
+        token_budget: Global___TokenBudget | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limit", b"rate_limit", "usage", b"usage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limit", b"rate_limit", "token_budget", b"token_budget", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_key", b"cache_key", "cached", b"cached", "delta", b"delta", "model", b"model", "rate_limit", b"rate_limit", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cache_key", b"cache_key", "cached", b"cached", "delta", b"delta", "model", b"model", "rate_limit", b"rate_limit", "token_budget", b"token_budget", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
