@@ -9,7 +9,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -418,17 +418,24 @@ class TokenFlow:
             f"--generator-timeout ({self.settings.generator_timeout:g} s)"
         )
 
-    async def _call_generator(self, request: GenerationRequest, deadline: float) -> Generation:
+    @contextlib.contextmanager
+    def _generator_errors(self, model: str) -> Iterator[None]:
+        """Turn a timeout into the call's timeout error and any other failure
+        of the generator into GeneratorError."""
         try:
-            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                return await self.generator.generate(request, deadline)
+            yield
         except TimeoutError as error:
             raise self._timeout_error() from error
         except GeneratorError:
             raise
         except Exception as error:
-            logger.exception("generator failed for model %s", request.model)
+            logger.exception("generator failed for model %s", model)
             raise GeneratorError(f"the generator failed: {error}") from error
+
+    async def _call_generator(self, request: GenerationRequest, deadline: float) -> Generation:
+        with self._generator_errors(request.model):
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                return await self.generator.generate(request, deadline)
 
     async def _relay(
         self, request: GenerationRequest, deadline: float
@@ -439,18 +446,11 @@ class TokenFlow:
         usage: Usage | None = None
         try:
             while True:
-                try:
+                with self._generator_errors(request.model):
                     async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
-                        chunk = await anext(chunks)
-                except StopAsyncIteration:
+                        chunk = await anext(chunks, None)
+                if chunk is None:
                     break
-                except TimeoutError as error:
-                    raise self._timeout_error() from error
-                except GeneratorError:
-                    raise
-                except Exception as error:
-                    logger.exception("generator stream failed for model %s", request.model)
-                    raise GeneratorError(f"the generator failed: {error}") from error
                 if chunk.usage is not None:
                     usage = chunk.usage
                 if chunk.text:

@@ -138,6 +138,21 @@ class Begun:
     event_id: str | None
     limited: Limited = Limited()
 
+    @classmethod
+    def from_reply(cls, reply: list[Any], with_event: bool) -> Begun:
+        """Read a limiting script's reply: outcome, remaining, reset, retry after and
+        cached text, then the event id when with_event, then the Limited fields."""
+        fields = 6 if with_event else 5
+        return cls(
+            outcome=int(reply[0]),
+            remaining=int(reply[1]),
+            reset_at_ms=int(reply[2]),
+            retry_after_ms=int(reply[3]),
+            cached_text=reply[4],
+            event_id=reply[5] if with_event else None,
+            limited=Limited.from_reply(reply[fields:]),
+        )
+
 
 @dataclass(frozen=True)
 class Claimed:
@@ -205,16 +220,7 @@ class SingleSlotRounds:
                 *call.policy_args(),
             ],
         )
-        outcome, remaining, reset_at_ms, retry_after_ms, cached_text, event_id = reply[:6]
-        return Begun(
-            outcome=int(outcome),
-            remaining=int(remaining),
-            reset_at_ms=int(reset_at_ms),
-            retry_after_ms=int(retry_after_ms),
-            cached_text=cached_text,
-            event_id=event_id,
-            limited=Limited.from_reply(reply[6:]),
-        )
+        return Begun.from_reply(reply, with_event=True)
 
     async def claim(self, call: Call) -> Claimed:
         keys = self.keys
@@ -323,16 +329,7 @@ class ShardedRounds:
                 *call.policy_args(),
             ],
         )
-        outcome, remaining, reset_at_ms, retry_after_ms, cached_text = reply[:5]
-        return Begun(
-            outcome=int(outcome),
-            remaining=int(remaining),
-            reset_at_ms=int(reset_at_ms),
-            retry_after_ms=int(retry_after_ms),
-            cached_text=cached_text,
-            event_id=None,
-            limited=Limited.from_reply(reply[5:]),
-        )
+        return Begun.from_reply(reply, with_event=False)
 
     async def _record_event(self, call: Call, outcome: int) -> str | None:
         """Add the event of outcome to the activity stream and return its id.
