@@ -106,7 +106,7 @@ async def test_watchers_per_client_limited(start_server: Any, valkey_url: str) -
             async for _ in stub.WatchActivity(pb.WatchActivityRequest(), timeout=10.0):
                 pass
         await watches.pop().close()
-        # The closed stream's slot frees once the server sees the cancellation.
+        # The closed stream's slot frees once the server receives the cancellation.
         for _ in range(100):
             if running.server.core.hub.watcher_count == 1:
                 break

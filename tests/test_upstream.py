@@ -602,5 +602,6 @@ def test_upstream_error_text_masks_keys() -> None:
 
     message = _error_message(body)
 
-    assert "123456" not in message and "9876" not in message
+    assert "123456" not in message
+    assert "9876" not in message
     assert message.startswith("Incorrect API key provided: ***")

@@ -115,7 +115,7 @@ async def screenshot(page: Page, name: str) -> Path:
 
 @pytest.fixture
 async def frozen(start_server: Any, valkey_url: str) -> Running:
-    """A server whose clock stands still, so requests per minute cannot drift."""
+    """A server whose clock is fixed, so requests per minute cannot drift."""
     result: Running = await start_server(valkey_url, clock=ManualClock())
     return result
 
@@ -135,7 +135,8 @@ async def test_figures_match_get_stats(
     await expect(page.locator("#banner")).to_be_hidden()
     for element_id, expected in TILES.items():
         await expect(page.locator(f"#{element_id}")).to_have_text(expected(stats))
-    assert stats.cache.hits == 1 and stats.cache.misses == 3
+    assert stats.cache.hits == 1
+    assert stats.cache.misses == 3
     consumers = [f"{c.client}: {c.requests:,}" for c in stats.rate_limit.top_consumers]
     await expect(page.locator("#consumers-list li")).to_have_text(consumers)
     kinds = sorted(stats.key_distribution.items())
@@ -236,7 +237,7 @@ async def test_load_test_shows_the_servers_error(
     await expect(page.locator("#sim-summary")).to_be_hidden()
 
 
-async def test_try_it_shows_a_cached_answer_on_the_second_try(
+async def test_try_it_second_try_cached(
     browser: Browser, running_valkey: Running, start_gateway_for: Any
 ) -> None:
     gateway = await start_gateway_for(running_valkey.address)

@@ -434,7 +434,7 @@ def test_embedded_valkey_restarted(start_pool: Any) -> None:
 
     os.kill(valkey_pid, signal.SIGKILL)
     pool.wait_for_log(re.compile(r"embedded Valkey exited .* restarting it on port"))
-    # Workers reconnect on their own; until then Generate answers without a limit.
+    # Workers reconnect on their own; until then Generate admits calls without a limit.
     limited = False
     with grpc.insecure_channel(pool.target) as channel:
         stub = pb_grpc.TokenFlowServiceStub(channel)

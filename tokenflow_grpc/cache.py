@@ -35,7 +35,7 @@ def cache_key(request: GenerationRequest, namespace: str = DEFAULT_CACHE_NAMESPA
 
 
 def encode_entry(generation: Generation) -> str:
-    """Return the cache entry of an answer: JSON with its text and token counts."""
+    """Return the cache entry of a generation: JSON with its text and token counts."""
     usage = generation.usage
     return json.dumps(
         {
@@ -48,7 +48,7 @@ def encode_entry(generation: Generation) -> str:
 
 
 def decode_entry(entry: str, request: GenerationRequest) -> Generation:
-    """Return the answer stored in a cache entry.
+    """Return the generation stored in a cache entry.
 
     An entry that is not encode_entry's JSON is plain text, the form that
     earlier versions stored, and gets estimated token counts.

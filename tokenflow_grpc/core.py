@@ -220,7 +220,7 @@ class TokenFlow:
 
         The rounds run before this returns, so the caller has the decision
         before the first chunk. A call that finds an identical call
-        generating waits here for it and then streams the cached answer.
+        generating waits here for it and then streams the cached response.
         Raises as generate() does; the stream raises GeneratorError.
         """
         call, deadline = self._call(request, client, options)
@@ -414,7 +414,7 @@ class TokenFlow:
     def _timeout_error(self) -> GeneratorTimeoutError:
         """Return the error of a generator that missed the call's deadline."""
         return GeneratorTimeoutError(
-            "the generator did not answer within the call's deadline or "
+            "the generator did not respond within the call's deadline or "
             f"--generator-timeout ({self.settings.generator_timeout:g} s)"
         )
 
@@ -582,7 +582,7 @@ class TokenFlow:
 
 
 class GenerationStream:
-    """An admitted GenerateStream call: its decision and the chunks of its answer.
+    """An admitted GenerateStream call: its decision and the chunks of its response.
 
     Iterating yields text chunks and then one chunk with usage set. decision
     is None when the call was answered without Valkey (fail-open). Closing
@@ -619,7 +619,7 @@ class GenerationStream:
 
 
 async def _replay(generation: Generation) -> AsyncGenerator[Chunk, None]:
-    """Yield a cached answer as one text chunk and its usage."""
+    """Yield a cached response as one text chunk and its usage."""
     if generation.text:
         yield Chunk(generation.text)
     yield Chunk(usage=generation.usage)

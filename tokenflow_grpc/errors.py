@@ -83,7 +83,7 @@ class GeneratorError(TokenFlowError):
 
 
 class GeneratorTimeoutError(GeneratorError):
-    """The generator gave no answer before the call's deadline or --generator-timeout."""
+    """The generator did not respond before the call's deadline or --generator-timeout."""
 
 
 class UpstreamRejectedError(GeneratorError):

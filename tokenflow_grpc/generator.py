@@ -23,7 +23,7 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class Usage:
-    """Token counts of one answer."""
+    """Token counts of one generation."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -32,7 +32,7 @@ class Usage:
 
 @dataclass(frozen=True)
 class Generation:
-    """A complete answer: its text and token counts."""
+    """A complete generation: its text and token counts."""
 
     text: str
     usage: Usage
@@ -40,7 +40,7 @@ class Generation:
 
 @dataclass(frozen=True)
 class Chunk:
-    """One piece of a streamed answer: a text delta, or the usage at the end."""
+    """One piece of a streamed generation: a text delta, or the usage at the end."""
 
     text: str = ""
     usage: Usage | None = None
@@ -51,7 +51,7 @@ class Generator(Protocol):
 
     deadline is the time.monotonic() value by which the answer is due; a
     generator that retries must not wait past it. stream() yields the text
-    as it is generated and, when the generator knows them, the token counts
+    as it is generated and, when the generator reports them, the token counts
     in a last chunk with usage set.
     """
 

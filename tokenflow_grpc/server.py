@@ -98,7 +98,7 @@ def usage_message(usage: Usage) -> pb.Usage:
 
 
 def generate_metadata(decision: Decision | None, cache_key: str) -> list[tuple[str, str]]:
-    """Return the initial metadata of an answered Generate or GenerateStream call."""
+    """Return the initial metadata of a completed Generate or GenerateStream call."""
     metadata = decision.metadata() if decision is not None else []
     return [*metadata, (CACHE_KEY_METADATA_KEY, cache_key)]
 

@@ -1,5 +1,5 @@
 """Token estimates for token budgets: the tokens a call is admitted with. Once
-its answer is known, the call is charged the usage its generator reported."""
+its response is known, the call is charged the usage its generator reported."""
 
 from __future__ import annotations
 

@@ -111,7 +111,7 @@ def cache_namespace(message: AnyGenerateRequest, key: ApiKey | None) -> str:
     """Return the cache namespace of a call made with key (None: no authentication).
 
     Each key has its own namespace, its id, so tenants never share cached
-    answers. Raises PermissionDeniedError when a key without the admin role
+    responses. Raises PermissionDeniedError when a key without the admin role
     names another namespace.
     """
     requested = message.cache_namespace

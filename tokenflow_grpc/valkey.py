@@ -30,7 +30,7 @@ _RETRY_ATTEMPTS = 1
 # Connections per client. A command that finds them all busy waits for one,
 # up to the command timeout. redis-py's default pool (redis-py 8.2) raises
 # MaxConnectionsError there instead, which Generate would take for an
-# unreachable Valkey and answer without a limit.
+# unreachable Valkey and admit the call without a limit.
 MAX_CONNECTIONS = 100
 CLUSTER_MAX_CONNECTIONS_PER_NODE = 100_000
 
@@ -110,9 +110,9 @@ def connect(
         # Without full coverage the client keeps serving the other slots while
         # one has no primary, between a primary's failure and its replica's promotion.
         # NOTE: RedisCluster keeps its own connections per node and raises
-        # MaxConnectionsError at its cap (100 by default in redis-py 8.2) instead
-        # of waiting, which Generate would take for an outage and answer without
-        # a limit; the cap is therefore set far above any number of calls in flight.
+        # MaxConnectionsError at its cap (100 by default in redis-py 8.2) instead of
+        # waiting. Generate would take that for an outage and admit calls without a
+        # limit, so the cap is set far above any number of calls in flight.
         first, *others = url.split(",")
         return ClusterClient.from_url(
             first,

@@ -121,7 +121,7 @@ class GatewayProcess:
 
 
 def _gateway_environment() -> dict[str, str]:
-    """The environment of the gateway child: the server's, without the metrics
-    directory of `serve --workers N`, where the gateway, which records no server
-    metrics, would otherwise add its own (Valkey down) samples to the workers' sum."""
+    """Return the server's environment without the metrics directory of
+    `serve --workers N`. The gateway records no server metrics, so there it
+    would only add its own samples (Valkey down) to the workers' sum."""
     return {key: value for key, value in os.environ.items() if key != "PROMETHEUS_MULTIPROC_DIR"}

@@ -10,7 +10,7 @@ const FEED_ITEMS = 100;
 const UNREACHABLE_STATUSES = [502, 503, 504];
 const RECONNECT_MIN_MS = 1000;
 const RECONNECT_MAX_MS = 5000;
-// With no event to resume from, the feed asks for events from this long before
+// With no event to resume from, the feed requests events from this long before
 // the page started by the server's clock, so a small clock difference between
 // the server and Valkey loses none; the feed skips events it already shows.
 const START_MARGIN_MS = 5000;
