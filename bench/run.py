@@ -78,12 +78,8 @@ QUICK = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.run",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_load_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of the throughput runs that bench.run and bench.workers share."""
     parser.add_argument(
         "--levels",
         default="1,16,64",
@@ -110,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         help="Runs of each server at each level. The tables show the median (default 3).",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_load_arguments(parser)
     parser.add_argument(
         "--round-trip-calls",
         type=int,

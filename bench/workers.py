@@ -34,7 +34,13 @@ import grpc
 from bench.cpu import CpuSnapshot
 from bench.load import DEFAULT_PROMPT
 from bench.report import machine_description, update_readme
-from bench.run import LOAD_TIMEOUT_MARGIN_SECONDS, ROOT, parse_levels, warm_cache
+from bench.run import (
+    LOAD_TIMEOUT_MARGIN_SECONDS,
+    ROOT,
+    add_load_arguments,
+    parse_levels,
+    warm_cache,
+)
 from bench.server import Echo, TokenFlow, running_echo, running_valkey, running_workers
 from tokenflow_grpc.settings import MAX_RATE_LIMIT
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
@@ -55,32 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="1,2,4",
         help="Comma-separated worker counts, one server each (default 1,2,4).",
     )
-    parser.add_argument(
-        "--levels",
-        default="1,16,64",
-        help="Comma-separated numbers of requests in flight (default 1,16,64).",
-    )
-    parser.add_argument(
-        "--duration", type=float, default=3.0, help="Measured seconds per run (default 3)."
-    )
-    parser.add_argument(
-        "--warmup",
-        type=float,
-        default=1.0,
-        help="Unmeasured seconds at the start of each run (default 1).",
-    )
-    parser.add_argument(
-        "--max-requests",
-        type=int,
-        default=20_000,
-        help="Maximum requests per run, the warm-up's included (default 20000).",
-    )
-    parser.add_argument(
-        "--rounds",
-        type=int,
-        default=3,
-        help="Runs of each server at each level. The tables show the median (default 3).",
-    )
+    add_load_arguments(parser)
     parser.add_argument(
         "--no-readme", action="store_true", help="Print the results without updating README.md."
     )
