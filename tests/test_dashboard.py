@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import pytest
 from textual.geometry import Region
 
 from tests.conftest import Running
-from tests.helpers import wait_until
+from tests.helpers import free_port, wait_until
 from tokenflow_grpc.dashboard.app import DashboardApp
 from tokenflow_grpc.dashboard.model import TILES, DashboardOptions
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
@@ -77,13 +76,6 @@ def snapshot_figures(lines: list[str]) -> dict[str, str]:
             if line.startswith(tile.label):
                 values[tile.label] = line.removeprefix(tile.label).strip()
     return values
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 async def send_load(running: Running) -> pb.GetStatsResponse:

