@@ -1,11 +1,11 @@
-"""The Python clients: deadlines, retries on UNAVAILABLE only, rate-limit
-errors, metadata and TLS, and watch() resuming across a server restart."""
+"""The Python clients: deadlines, retries on UNAVAILABLE only (and for
+streams only before the first message), rate-limit errors, metadata and TLS,
+and watch() resuming across a server restart."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime
-import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.conftest import CountingGenerator, make_settings
+from tests.helpers import free_port
 from tokenflow_grpc.client import (
     AsyncTokenFlowClient,
     RateLimitExceeded,
@@ -36,12 +37,26 @@ class Scripted(pb_grpc.TokenFlowServiceServicer):
 
     failures: list[grpc.StatusCode]
     calls: list[dict[str, str]] = field(default_factory=list)
+    # GenerateStream fails with this code after its first delta.
+    fail_after_first: grpc.StatusCode | None = None
 
     async def Generate(self, request: pb.GenerateRequest, context: Any) -> pb.GenerateResponse:
         self.calls.append(dict(context.invocation_metadata()))
         if self.failures:
             await context.abort(self.failures.pop(0), "scripted failure")
         return pb.GenerateResponse(response=f"echo {request.prompt}")
+
+    async def GenerateStream(
+        self, request: pb.GenerateStreamRequest, context: Any
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        self.calls.append(dict(context.invocation_metadata()))
+        if self.failures:
+            await context.abort(self.failures.pop(0), "scripted failure")
+        yield pb.GenerateStreamResponse(delta="echo ")
+        if self.fail_after_first is not None:
+            await context.abort(self.fail_after_first, "scripted failure mid-stream")
+        yield pb.GenerateStreamResponse(delta=request.prompt)
+        yield pb.GenerateStreamResponse(model="scripted")
 
 
 @pytest.fixture
@@ -65,13 +80,6 @@ async def scripted_server() -> AsyncIterator[Any]:
     yield start
     for server in servers:
         await server.stop(0)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 async def test_retries_unavailable_then_succeeds(scripted_server: Any) -> None:
@@ -115,6 +123,52 @@ async def test_sync_client_retries_unavailable(scripted_server: Any) -> None:
 
     assert text == "echo sync"
     assert len(servicer.calls) == 2
+
+
+async def test_stream_retries_unavailable_before_first_message(scripted_server: Any) -> None:
+    servicer, target = await scripted_server([grpc.StatusCode.UNAVAILABLE] * 2)
+    async with AsyncTokenFlowClient(target, retries=3) as client:
+        messages = [message async for message in client.generate_stream("hello")]
+
+    assert [message.delta for message in messages] == ["echo ", "hello", ""]
+    assert messages[-1].model == "scripted"
+    assert len(servicer.calls) == 3
+
+
+async def test_stream_not_retried_after_a_message(scripted_server: Any) -> None:
+    servicer, target = await scripted_server([])
+    servicer.fail_after_first = grpc.StatusCode.UNAVAILABLE
+    deltas: list[str] = []
+    async with AsyncTokenFlowClient(target, retries=3) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for message in client.generate_stream("hello"):
+                deltas.append(message.delta)
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert deltas == ["echo "]
+    assert len(servicer.calls) == 1
+
+
+async def test_sync_stream_retries_only_before_first_message(scripted_server: Any) -> None:
+    servicer, target = await scripted_server([grpc.StatusCode.UNAVAILABLE])
+
+    def call() -> tuple[list[str], grpc.StatusCode | None]:
+        with TokenFlowClient(target, retries=2) as client:
+            deltas = [message.delta for message in client.generate_stream("sync")]
+            servicer.fail_after_first = grpc.StatusCode.UNAVAILABLE
+            try:
+                for _ in client.generate_stream("again"):
+                    pass
+            except grpc.RpcError as error:
+                return deltas, error.code() if isinstance(error, grpc.Call) else None
+        return deltas, None
+
+    deltas, code = await asyncio.to_thread(call)
+
+    assert deltas == ["echo ", "sync", ""]
+    assert code == grpc.StatusCode.UNAVAILABLE
+    # One retried call for the first stream, one unretried call for the second.
+    assert len(servicer.calls) == 3
 
 
 def test_backoff_grows_and_is_capped() -> None:
@@ -177,6 +231,38 @@ async def test_rate_limit_error_carries_figures(start_server: Any, valkey_url: s
     assert error.retry_after is not None
     assert 0 < error.retry_after <= 60
     assert error.rate_limit.retry_after_seconds is not None
+
+
+async def test_stream_against_server(start_server: Any, valkey_url: str) -> None:
+    running = await start_server(valkey_url, rate_limit=3)
+    async with AsyncTokenFlowClient(running.address) as client:
+        streamed = [
+            message
+            async for message in client.generate_stream(
+                "stream this", cache_ttl=30, cache_namespace="team-a"
+            )
+        ]
+        unary = await client.generate("stream this", cache_namespace="team-a")
+        other_namespace = await client.generate("stream this")
+        with pytest.raises(RateLimitExceeded) as caught:
+            async for _ in client.generate_stream("one too many"):
+                pass
+
+    last = streamed[-1]
+    text = "".join(message.delta for message in streamed)
+    assert len(streamed) >= 2
+    assert last.delta == ""
+    assert last.cached is False
+    assert text == unary.response.response
+    assert unary.response.cached is True
+    assert other_namespace.response.cached is False
+    assert last.rate_limit.limit == 3
+    assert last.rate_limit.remaining == 2
+    assert last.usage.total_tokens > 0
+    ttl = await running.core.redis.ttl(running.core.keys.cache(last.cache_key))
+    assert 25 <= ttl <= 30
+    assert caught.value.rate_limit.remaining == 0
+    assert caught.value.retry_after is not None
 
 
 async def test_sync_client_against_server(start_server: Any, valkey_url: str) -> None:

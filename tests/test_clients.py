@@ -293,7 +293,7 @@ def test_recipes_cover_the_service() -> None:
     urls = {recipe.url for recipe in RECIPES}
     flags = {argument for recipe in RECIPES for argument in recipe.arguments}
 
-    for method in ("Generate", "GetStats", "Simulate", "WatchActivity"):
+    for method in ("Generate", "GenerateStream", "GetStats", "Simulate", "WatchActivity"):
         assert f"http://{RECIPE_ADDRESS}/tokenflow.v1.TokenFlowService/{method}" in urls
     assert f"http://{RECIPE_ADDRESS}/grpc.health.v1.Health/Check" in urls
     for flag in ("--list-services", "--list-methods", "-v", "grpc-v1", "grpc-v1alpha"):

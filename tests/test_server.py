@@ -268,6 +268,17 @@ def cli_json(*arguments: str) -> dict[str, Any]:
     return parsed
 
 
+def cli_json_lines(*arguments: str) -> list[dict[str, Any]]:
+    """Run a client command that must succeed and return its JSON lines, parsed."""
+    completed = run_cli(*arguments)
+    if completed.returncode != 0:
+        raise AssertionError(
+            f"tokenflow {' '.join(arguments)} exited with {completed.returncode}: "
+            f"{completed.stderr}"
+        )
+    return [json.loads(line) for line in completed.stdout.splitlines()]
+
+
 def wait_until_gone(pids: list[int], timeout: float = 5.0) -> list[int]:
     """Poll until none of pids runs, and return the ones still running at the timeout."""
     deadline = time.monotonic() + timeout
@@ -284,6 +295,10 @@ def test_cli_end_to_end(serve: Any, tmp_path: Path) -> None:
     first = cli_json("generate", "What is a token bucket?", *target)
     second = cli_json("generate", "What is a token bucket?", *target)
     stats = cli_json("stats", *target)
+    streamed = cli_json_lines(
+        "generate", "--stream", "Stream a haiku", "--cache-ttl", "30", *target
+    )
+    streamed_again = cli_json_lines("generate", "--stream", "Stream a haiku", *target)
     simulated = cli_json("simulate", "--count", "20", *target)
 
     watcher = subprocess.Popen(
@@ -336,6 +351,15 @@ def test_cli_end_to_end(serve: Any, tmp_path: Path) -> None:
         "ACTIVITY_TYPE_CACHE_HIT",
         "ACTIVITY_TYPE_CACHE_MISS",
     ]
+
+    deltas = [message["delta"] for message in streamed[:-1]]
+    assert len(deltas) >= 1
+    assert all(deltas)
+    assert streamed[-1]["delta"] == ""
+    assert streamed[-1]["cached"] is False
+    assert streamed[-1]["rateLimit"]["remaining"] == 7
+    assert streamed_again[-1]["cached"] is True
+    assert "".join(message["delta"] for message in streamed_again) == "".join(deltas)
 
     summary = simulated["summary"]
     assert summary["total"] == 20

@@ -267,15 +267,24 @@ async def run_gateway(settings: GatewaySettings) -> None:
 
 
 async def generate(arguments: argparse.Namespace) -> int:
+    """Print the response as JSON; with --stream, each GenerateStream message
+    as one JSON line as it arrives."""
+    fields: dict[str, Any] = {
+        "model": arguments.model,
+        "temperature": arguments.temperature,
+        "max_tokens": arguments.max_tokens,
+        "skip_cache": arguments.skip_cache,
+        "cache_ttl": arguments.cache_ttl,
+        "cache_namespace": arguments.cache_namespace,
+    }
     async with _client(arguments) as client:
         try:
-            reply = await client.generate(
-                arguments.prompt,
-                model=arguments.model,
-                temperature=arguments.temperature,
-                max_tokens=arguments.max_tokens,
-                skip_cache=arguments.skip_cache,
-            )
+            if arguments.stream:
+                async for message in client.generate_stream(arguments.prompt, **fields):
+                    _print_message(message)
+                    sys.stdout.flush()
+                return 0
+            reply = await client.generate(arguments.prompt, **fields)
         except grpc.aio.AioRpcError as error:
             return _print_rpc_error(error)
     _print_message(reply.response)
@@ -403,6 +412,22 @@ def build_parser() -> argparse.ArgumentParser:
     generate_parser.add_argument("--temperature", type=float, help="Sampling temperature, 0 to 2.")
     generate_parser.add_argument("--max-tokens", type=int, help="Maximum tokens, 1 to 8192.")
     generate_parser.add_argument("--skip-cache", action="store_true", help="Bypass the cache.")
+    generate_parser.add_argument(
+        "--cache-ttl",
+        type=_positive_seconds,
+        help="Lifetime in seconds of the cache entry this call writes (default: the server's).",
+    )
+    generate_parser.add_argument(
+        "--cache-namespace",
+        default="",
+        help="Share cached answers only within this namespace (default: the API key id, "
+        "or \"default\" when the server has no keys).",
+    )
+    generate_parser.add_argument(
+        "--stream",
+        action="store_true",
+        help="Call GenerateStream and print each message as a JSON line as it arrives.",
+    )
 
     stats_parser = client_command("stats", "Print GetStats as JSON.")
     stats_parser.add_argument(

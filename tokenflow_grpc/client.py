@@ -5,9 +5,10 @@ Every call has a deadline. Calls that fail with UNAVAILABLE are retried with
 exponential backoff and jitter until `retries` extra attempts or the
 deadline run out; no other status is retried. A rejected Generate raises
 RateLimitExceeded, which carries the rate-limit figures and the delay the
-server asks for. watch() reconnects after a dropped stream and resumes after
-the last event it delivered, so no event still in the stream is lost or
-repeated.
+server asks for. generate_stream() retries UNAVAILABLE only until its first
+message, so no text is delivered twice. watch() reconnects after a dropped
+stream and resumes after the last event it delivered, so no event still in
+the stream is lost or repeated.
 
 NOTE: a Generate retried after UNAVAILABLE may be counted twice by the
 limiter when the first attempt was admitted before it failed (the server
@@ -21,6 +22,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, TypeVar
 
 import grpc
@@ -132,15 +134,38 @@ def generate_request(
     temperature: float | None,
     max_tokens: int | None,
     skip_cache: bool,
+    cache_ttl: float | None = None,
+    cache_namespace: str = "",
 ) -> pb.GenerateRequest:
-    request = pb.GenerateRequest(prompt=prompt, skip_cache=skip_cache)
+    """Build a GenerateRequest; None leaves an optional field unset.
+
+    cache_ttl is in seconds; the server rounds fractions of a second up.
+    """
+    request = pb.GenerateRequest(
+        prompt=prompt, skip_cache=skip_cache, cache_namespace=cache_namespace
+    )
     if model is not None:
         request.model = model
     if temperature is not None:
         request.temperature = temperature
     if max_tokens is not None:
         request.max_tokens = max_tokens
+    if cache_ttl is not None:
+        request.cache_ttl.FromTimedelta(timedelta(seconds=cache_ttl))
     return request
+
+
+def stream_request(request: pb.GenerateRequest) -> pb.GenerateStreamRequest:
+    """Return request as a GenerateStreamRequest; the two messages share their
+    fields and field numbers, so the wire form carries over unchanged."""
+    return pb.GenerateStreamRequest.FromString(request.SerializeToString())
+
+
+def _should_retry(
+    code: grpc.StatusCode | None, attempt: int, retries: int, delay: float, deadline: float
+) -> bool:
+    """Return True when a call that failed with code may be tried again after delay."""
+    return code in RETRYABLE and attempt < retries and time.monotonic() + delay < deadline
 
 
 def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
@@ -150,6 +175,11 @@ def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
     """
     ceiling = min(BACKOFF_MAX_SECONDS, BACKOFF_FIRST_SECONDS * 2**attempt)
     return (rng or random).uniform(ceiling / 2, ceiling)
+
+
+def _code(error: grpc.RpcError) -> grpc.StatusCode | None:
+    """Return the status of a blocking call's error; None when it has none."""
+    return error.code() if isinstance(error, grpc.Call) else None
 
 
 def _channel_metadata(
@@ -235,11 +265,7 @@ class AsyncTokenFlowClient:
                 return await attempt_call(max(remaining, 0.001))
             except grpc.aio.AioRpcError as error:
                 delay = backoff_delay(attempt)
-                if (
-                    error.code() not in RETRYABLE
-                    or attempt >= self.retries
-                    or time.monotonic() + delay >= deadline
-                ):
+                if not _should_retry(error.code(), attempt, self.retries, delay, deadline):
                     raise
             await asyncio.sleep(delay)
             attempt += 1
@@ -253,9 +279,18 @@ class AsyncTokenFlowClient:
         skip_cache: bool = False,
         metadata: Sequence[tuple[str, str]] = (),
         timeout: float | None = None,
+        *,
+        cache_ttl: float | None = None,
+        cache_namespace: str = "",
     ) -> GenerateReply:
-        """Call Generate; raise RateLimitExceeded when the client is over its limit."""
-        request = generate_request(prompt, model, temperature, max_tokens, skip_cache)
+        """Call Generate; raise RateLimitExceeded when the client is over its limit.
+
+        cache_ttl (seconds) and cache_namespace are GenerateRequest's fields
+        of those names; None and "" leave the server's defaults.
+        """
+        request = generate_request(
+            prompt, model, temperature, max_tokens, skip_cache, cache_ttl, cache_namespace
+        )
 
         async def attempt(remaining: float) -> GenerateReply:
             call = self.stub.Generate(
@@ -273,6 +308,59 @@ class AsyncTokenFlowClient:
             return GenerateReply(response, headers)
 
         return await self._call(attempt, timeout)
+
+    async def generate_stream(
+        self,
+        prompt: str,
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        skip_cache: bool = False,
+        metadata: Sequence[tuple[str, str]] = (),
+        timeout: float | None = None,
+        *,
+        cache_ttl: float | None = None,
+        cache_namespace: str = "",
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        """Call GenerateStream and yield its messages: the text deltas, then a
+        last message with no text and the final fields (cached, model, usage,
+        rate_limit, token_budget).
+
+        timeout bounds the whole stream. A rejected call raises
+        RateLimitExceeded before any message. UNAVAILABLE is retried only
+        while no message has arrived, so no text is delivered twice.
+        """
+        request = stream_request(
+            generate_request(
+                prompt, model, temperature, max_tokens, skip_cache, cache_ttl, cache_namespace
+            )
+        )
+        deadline = time.monotonic() + (timeout or self.timeout)
+        attempt = 0
+        while True:
+            call = self.stub.GenerateStream(
+                request,
+                timeout=max(deadline - time.monotonic(), 0.001),
+                metadata=self.metadata + tuple(metadata),
+            )
+            received = False
+            try:
+                async for message in call:
+                    received = True
+                    yield message
+                return
+            except grpc.aio.AioRpcError as error:
+                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise RateLimitExceeded(error) from None
+                delay = backoff_delay(attempt)
+                if received or not _should_retry(
+                    error.code(), attempt, self.retries, delay, deadline
+                ):
+                    raise
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+            attempt += 1
 
     async def stats(
         self, activity_limit: int = 0, timeout: float | None = None
@@ -390,12 +478,7 @@ class TokenFlowClient:
                 return attempt_call(max(remaining, 0.001))
             except grpc.RpcError as error:
                 delay = backoff_delay(attempt)
-                code = error.code() if isinstance(error, grpc.Call) else None
-                if (
-                    code not in RETRYABLE
-                    or attempt >= self.retries
-                    or time.monotonic() + delay >= deadline
-                ):
+                if not _should_retry(_code(error), attempt, self.retries, delay, deadline):
                     raise
             time.sleep(delay)
             attempt += 1
@@ -409,9 +492,18 @@ class TokenFlowClient:
         skip_cache: bool = False,
         metadata: Sequence[tuple[str, str]] = (),
         timeout: float | None = None,
+        *,
+        cache_ttl: float | None = None,
+        cache_namespace: str = "",
     ) -> GenerateReply:
-        """Call Generate; raise RateLimitExceeded when the client is over its limit."""
-        request = generate_request(prompt, model, temperature, max_tokens, skip_cache)
+        """Call Generate; raise RateLimitExceeded when the client is over its limit.
+
+        cache_ttl (seconds) and cache_namespace are GenerateRequest's fields
+        of those names; None and "" leave the server's defaults.
+        """
+        request = generate_request(
+            prompt, model, temperature, max_tokens, skip_cache, cache_ttl, cache_namespace
+        )
 
         def attempt(remaining: float) -> GenerateReply:
             try:
@@ -419,16 +511,58 @@ class TokenFlowClient:
                     request, timeout=remaining, metadata=self.metadata + tuple(metadata)
                 )
             except grpc.RpcError as error:
-                if (
-                    isinstance(error, grpc.Call)
-                    and error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                ):
+                if _code(error) == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise RateLimitExceeded(error) from None
                 raise
             headers = RateLimitInfo.from_metadata(call.initial_metadata(), call.trailing_metadata())
             return GenerateReply(response, headers)
 
         return self._call(attempt, timeout)
+
+    def generate_stream(
+        self,
+        prompt: str,
+        model: str | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        skip_cache: bool = False,
+        metadata: Sequence[tuple[str, str]] = (),
+        timeout: float | None = None,
+        *,
+        cache_ttl: float | None = None,
+        cache_namespace: str = "",
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        """Yield GenerateStream's messages; see AsyncTokenFlowClient.generate_stream."""
+        request = stream_request(
+            generate_request(
+                prompt, model, temperature, max_tokens, skip_cache, cache_ttl, cache_namespace
+            )
+        )
+        deadline = time.monotonic() + (timeout or self.timeout)
+        attempt = 0
+        while True:
+            stream = self.stub.GenerateStream(
+                request,
+                timeout=max(deadline - time.monotonic(), 0.001),
+                metadata=self.metadata + tuple(metadata),
+            )
+            received = False
+            try:
+                for message in stream:
+                    received = True
+                    yield message
+                return
+            except grpc.RpcError as error:
+                code = _code(error)
+                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise RateLimitExceeded(error) from None
+                delay = backoff_delay(attempt)
+                if received or not _should_retry(code, attempt, self.retries, delay, deadline):
+                    raise
+            finally:
+                stream.cancel()
+            time.sleep(delay)
+            attempt += 1
 
     def stats(self, activity_limit: int = 0, timeout: float | None = None) -> pb.GetStatsResponse:
         request = pb.GetStatsRequest(activity_limit=activity_limit)
@@ -475,7 +609,7 @@ class TokenFlowClient:
                     yield response
                 return
             except grpc.RpcError as error:
-                code = error.code() if isinstance(error, grpc.Call) else None
+                code = _code(error)
                 if _watch_ended(code, end):
                     return
                 expired = end is not None and time.monotonic() >= end
