@@ -593,6 +593,23 @@ async def test_gateway_stream_error_status(
     assert json.loads(text)["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
 
 
+@pytest.mark.parametrize("accept", ["application/json", "text/event-stream"])
+async def test_gateway_stream_fails_before_text_with_status(
+    start_upstream: Any, start_with_upstream: Any, start_gateway_for: Any, accept: str
+) -> None:
+    fake = await start_upstream(Reply(status=503))
+    running = await start_with_upstream(fake, upstream_retries=0)
+    gateway = await start_gateway_for(running.address)
+
+    response, text = await post_stream(gateway, {"prompt": "no text"}, {"Accept": accept})
+
+    assert response.status == 503
+    assert response.headers["Content-Type"].startswith("application/json")
+    assert json.loads(text)["code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert response.headers["X-RateLimit-Limit"] == "100"
+    assert response.headers["X-RateLimit-Remaining"] == "99"
+
+
 def test_upstream_error_text_masks_keys() -> None:
     """Some upstreams echo the key they were sent; clients and logs must not see it."""
     from tokenflow_grpc.upstream import _error_message

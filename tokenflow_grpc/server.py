@@ -245,13 +245,23 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
         usage = Usage()
         async with contextlib.aclosing(stream):
             metadata = generate_metadata(stream.decision, stream.cache_key)
+            # The headers wait for the first chunk, so that a generator that
+            # fails before any text ends the call with its status alone, the
+            # rate-limit metadata in the trailers; an HTTP gateway can then
+            # answer with that status instead of a 200 stream.
+            chunks = aiter(stream)
+            try:
+                chunk = await anext(chunks, None)
+            except TokenFlowError as error:
+                await abort(context, error, (*metadata, *self.worker_metadata))
             await context.send_initial_metadata(metadata)
             try:
-                async for chunk in stream:
+                while chunk is not None:
                     if chunk.usage is not None:
                         usage = chunk.usage
                     if chunk.text:
                         yield pb.GenerateStreamResponse(delta=chunk.text)
+                    chunk = await anext(chunks, None)
             except TokenFlowError as error:
                 await abort(context, error, self.worker_metadata)
 
