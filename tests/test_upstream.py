@@ -17,7 +17,7 @@ import pytest
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from tests.conftest import Running, RunningGateway, make_settings
+from tests.conftest import CountingGenerator, Running, RunningGateway, make_settings
 from tests.fake_openai import FakeOpenAI, Reply
 from tokenflow_grpc.apikeys import ApiKey, entry_toml, hash_secret, new_secret
 from tokenflow_grpc.server import CACHE_KEY_METADATA_KEY
@@ -608,6 +608,18 @@ async def test_gateway_stream_fails_before_text_with_status(
     assert json.loads(text)["code"] == grpc.StatusCode.UNAVAILABLE.value[0]
     assert response.headers["X-RateLimit-Limit"] == "100"
     assert response.headers["X-RateLimit-Remaining"] == "99"
+
+
+async def test_gateway_stream_deadline_before_text_is_504(
+    start_server: Any, valkey_url: str, start_gateway_for: Any
+) -> None:
+    running = await start_server(valkey_url, generator=CountingGenerator(latency=2.0))
+    gateway = await start_gateway_for(running.address)
+
+    response, text = await post_stream(gateway, {"prompt": "slow"}, {"Grpc-Timeout": "100m"})
+
+    assert response.status == 504
+    assert json.loads(text)["code"] == grpc.StatusCode.DEADLINE_EXCEEDED.value[0]
 
 
 def test_upstream_error_text_masks_keys() -> None:
