@@ -455,6 +455,10 @@ DRAIN_LATENCY_SECONDS = 0.5
 # Calls sent after the signal, which the stopping server must reject
 # without running them.
 LATE_CALLS = 20
+# Identical calls from one more client: one generates, the others wait for
+# its cache entry, so the drain must keep Valkey until they have read it.
+SHARED_CALLS = 4
+SHARED_CLIENT = "198.51.100.200"
 
 
 async def outcome_of(call: Any) -> str:
@@ -464,6 +468,38 @@ async def outcome_of(call: Any) -> str:
     except grpc.aio.AioRpcError as error:
         return error.code().name
     return "OK"
+
+
+async def wait_for_requests(stub: pb_grpc.TokenFlowServiceStub, count: int) -> None:
+    """Poll GetStats until the server has counted count requests."""
+    deadline = time.monotonic() + 20.0
+    while True:
+        stats = await stub.GetStats(pb.GetStatsRequest(), timeout=5.0)
+        if stats.rate_limit.requests_total >= count:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{stats.rate_limit.requests_total} of {count} requests counted")
+        await asyncio.sleep(0.02)
+
+
+async def wait_until_rejecting(channel: grpc.aio.Channel) -> None:
+    """Call Health.Check until the stopping server rejects new calls.
+
+    The server reports NOT_SERVING before it stops taking calls, so only a
+    call that fails with UNAVAILABLE shows that the next one will be refused.
+    """
+    health = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + 10.0
+    while True:
+        try:
+            await health.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.UNAVAILABLE:
+                return
+            raise
+        if time.monotonic() > deadline:
+            raise AssertionError("the server still takes calls 10 s after SIGTERM")
+        await asyncio.sleep(0.01)
 
 
 async def test_sigterm_under_load_loses_nothing(serve: Any, tmp_path: Path) -> None:
@@ -492,15 +528,28 @@ async def test_sigterm_under_load_loses_nothing(serve: Any, tmp_path: Path) -> N
         # Each call records its event before it generates, so once every
         # event has arrived every call is inside the server.
         await watch.take(len(calls), timeout=20.0)
-        in_flight = sum(not call.done() for call in calls)
+        shared = [
+            stub.Generate(
+                pb.GenerateRequest(prompt="drain shared"),
+                metadata=(("x-forwarded-for", SHARED_CLIENT),),
+                timeout=30.0,
+            )
+            for _ in range(SHARED_CALLS)
+        ]
+        shared_outcomes = asyncio.gather(*(outcome_of(call) for call in shared))
+        # A waiter records its event only once it has the answer, but it is
+        # counted as a request as soon as it is admitted.
+        await wait_for_requests(stub, len(calls) + SHARED_CALLS)
+        in_flight = sum(not call.done() for call in [*calls, *shared])
         signalled = time.monotonic()
         server.process.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.1)
+        await wait_until_rejecting(channel)
         late = [
             outcome_of(stub.Generate(pb.GenerateRequest(prompt=f"late {n}"), timeout=10.0))
             for n in range(LATE_CALLS)
         ]
         results = await outcomes
+        shared_results = await shared_outcomes
         late_results = await asyncio.gather(*late)
         exit_code = await asyncio.to_thread(server.process.wait, STOP_SECONDS)
         stop_seconds = time.monotonic() - signalled
@@ -513,18 +562,21 @@ async def test_sigterm_under_load_loses_nothing(serve: Any, tmp_path: Path) -> N
     blocked = len(calls) - admitted
     counters = stats["rateLimit"]["requestsTotal"], stats["rateLimit"].get("blockedTotal", "0")
     print(
-        f"SIGTERM with {in_flight} of {len(calls)} Generate calls in flight: exit after "
+        f"SIGTERM with {in_flight} of {len(calls) + SHARED_CALLS} Generate calls in flight: exit after "
         f"{stop_seconds:.3f} s; outcomes {sorted(set(results))}, late calls "
         f"{sorted(set(late_results))}; after a restart {counters[0]} requests and "
         f"{counters[1]} blocked are counted"
     )
 
-    assert in_flight >= admitted
+    assert in_flight >= admitted + SHARED_CALLS
     assert results.count("OK") == admitted
     assert results.count("RESOURCE_EXHAUSTED") == blocked
+    assert shared_results == ["OK"] * SHARED_CALLS
     assert set(late_results) == {"UNAVAILABLE"}
     assert exit_code == 0
-    assert int(stats["rateLimit"]["requestsTotal"]) == len(calls)
-    assert int(stats["cache"].get("misses", 0)) == admitted
-    assert int(stats["cache"].get("hits", 0)) == 0
+    assert int(stats["rateLimit"]["requestsTotal"]) == len(calls) + SHARED_CALLS
+    assert int(stats["cache"].get("misses", 0)) == admitted + 1
+    assert int(stats["cache"].get("hits", 0)) == SHARED_CALLS - 1
     assert int(stats["rateLimit"]["blockedTotal"]) == blocked
+    # Every generated answer was stored before the server let Valkey go.
+    assert int(stats["cache"]["cachedKeys"]) == admitted + 1

@@ -159,6 +159,10 @@ class TokenFlow:
             return error
         return None
 
+    async def end_watches(self) -> None:
+        """End every WatchActivity stream and stop the activity reader."""
+        await self.hub.close()
+
     async def close(self) -> None:
         await self.hub.close()
         await self.scripts.close()

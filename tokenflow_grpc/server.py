@@ -557,10 +557,13 @@ class TokenFlowServer:
         await self.health.enter_graceful_shutdown()
         # stop() rejects new calls at once; ending the watch streams then lets
         # the drain finish without waiting the whole grace period for them.
+        # The calls still draining need Valkey (single-flight waiters read the
+        # cache, generators store their answers), so the scripts close last.
         stopping = asyncio.create_task(self.server.stop(grace))
         await asyncio.sleep(0)
-        await self.core.close()
+        await self.core.end_watches()
         await stopping
+        await self.core.close()
         if self.metrics is not None:
             self.metrics.stop()
         if self._upstream is not None:
