@@ -282,6 +282,30 @@ async def test_recovery_after_restart(own_valkey: RestartableValkey, start_serve
     assert [event.prompt for event in received] == recorded_prompts
 
 
+async def test_watch_resume_during_outage(own_valkey: RestartableValkey, start_server: Any) -> None:
+    running: Running = await start_server(own_valkey.url)
+    await running.client.generate("before the outage")
+    since_id = (await running.client.stats(activity_limit=1)).activity[0].id
+    # A watcher already open keeps the reader subscribed, so the next watch
+    # goes straight to reading the events after its since_id.
+    first = await ActivityWatch.open(running.channel())
+    own_valkey.stop()
+    stub = pb_grpc.TokenFlowServiceStub(running.channel())
+    started = time.monotonic()
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stub.WatchActivity(
+            pb.WatchActivityRequest(since_id=since_id), timeout=CALL_DEADLINE_SECONDS
+        ):
+            pass
+    seconds = time.monotonic() - started
+    await first.close()
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "retry with the same since_id" in (caught.value.details() or "")
+    assert seconds < PROMPT_SECONDS
+
+
 async def test_watch_cancel_during_outage(own_valkey: RestartableValkey, start_server: Any) -> None:
     running: Running = await start_server(own_valkey.url)
     hub = running.core.hub

@@ -562,8 +562,8 @@ async def test_sigterm_under_load_loses_nothing(serve: Any, tmp_path: Path) -> N
     blocked = len(calls) - admitted
     counters = stats["rateLimit"]["requestsTotal"], stats["rateLimit"].get("blockedTotal", "0")
     print(
-        f"SIGTERM with {in_flight} of {len(calls) + SHARED_CALLS} Generate calls in flight: exit after "
-        f"{stop_seconds:.3f} s; outcomes {sorted(set(results))}, late calls "
+        f"SIGTERM with {in_flight} of {len(calls) + SHARED_CALLS} Generate calls in flight: "
+        f"exit after {stop_seconds:.3f} s; outcomes {sorted(set(results))}, late calls "
         f"{sorted(set(late_results))}; after a restart {counters[0]} requests and "
         f"{counters[1]} blocked are counted"
     )

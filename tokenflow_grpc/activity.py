@@ -7,13 +7,18 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
 
-from tokenflow_grpc.errors import quoted
+from tokenflow_grpc.errors import (
+    BackendUnavailableError,
+    FieldViolation,
+    InvalidArgumentError,
+    quoted,
+)
 from tokenflow_grpc.metrics import EVENTS_DROPPED, OPERATION_STREAM_READ, valkey_timer
 
 logger = logging.getLogger(__name__)
@@ -191,25 +196,49 @@ class ActivityHub:
             self._reader.task.cancel()
             self._reader = None
 
-    async def watch(
-        self, subscription: Subscription, since_id: str = ""
-    ) -> AsyncIterator[tuple[ActivityEvent, int]]:
-        """Yield (event, events dropped before it) for a subscribed watcher.
+    async def replay(self, since_id: str) -> list[ActivityEvent]:
+        """Return the events after since_id that are still in the stream, oldest first.
 
-        With since_id, the events after it that are still in the stream come
-        first, then live events, each once and in stream order.
+        Subscribe first, so that no event falls between these and the live
+        ones. Raises InvalidArgumentError when since_id comes after the
+        newest event, which no watch could ever pass, and
+        BackendUnavailableError when Valkey cannot be read.
         """
-        last = parse_stream_id(since_id) if since_id else (0, 0)
-        if since_id:
+        after = parse_stream_id(since_id)
+        try:
             entries = await self.redis.xrange(self._stream_key, min=since_id, max="+")
-            for entry_id, fields in entries:
-                event = ActivityEvent.from_entry(entry_id, fields)
-                if event.order <= last:
-                    continue
-                last = event.order
-                if subscription.types and event.type not in subscription.types:
-                    continue
-                yield event, 0
+            newest = [] if entries else await self.redis.xrevrange(self._stream_key, count=1)
+        except (RedisError, OSError) as error:
+            raise BackendUnavailableError(
+                f"cannot read the activity stream after since_id {quoted(since_id)}: "
+                f"Valkey is unreachable ({error}); retry with the same since_id"
+            ) from error
+        if newest and after > parse_stream_id(newest[0][0]):
+            raise InvalidArgumentError(
+                [
+                    FieldViolation(
+                        "since_id",
+                        f"{quoted(since_id)} is after the newest event, {newest[0][0]}",
+                    )
+                ]
+            )
+        events = (ActivityEvent.from_entry(entry_id, fields) for entry_id, fields in entries)
+        return [event for event in events if event.order > after]
+
+    async def watch(
+        self, subscription: Subscription, since_id: str = "", replayed: Sequence[ActivityEvent] = ()
+    ) -> AsyncIterator[tuple[ActivityEvent, int]]:
+        """Yield (event, events dropped before it) for a subscribed watcher:
+        first the replayed events (from replay(since_id)), then live events,
+        each once and in stream order."""
+        last = parse_stream_id(since_id) if since_id else (0, 0)
+        for event in replayed:
+            if event.order <= last:
+                continue
+            last = event.order
+            if subscription.types and event.type not in subscription.types:
+                continue
+            yield event, 0
 
         while True:
             queued = await subscription.queue.get()

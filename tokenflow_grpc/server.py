@@ -333,11 +333,17 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
 
         try:
             async with self.core.hub.subscription(types) as subscription:
+                # Replayed before the headers go out, so that a since_id that
+                # cannot be resumed fails with its status alone.
+                replayed = await self.core.hub.replay(since_id) if since_id else []
                 await context.send_initial_metadata(WATCH_READY_METADATA)
-                async for event, dropped in self.core.hub.watch(subscription, since_id):
+                events = self.core.hub.watch(subscription, since_id, replayed)
+                async for event, dropped in events:
                     message = event_message(event)
                     redact_prompts([message])
                     yield pb.WatchActivityResponse(event=message, dropped=dropped)
+        except TokenFlowError as error:
+            await abort(context, error)
         finally:
             self.watchers.release(client)
         # The hub ends a watch only when the server stops.
