@@ -106,6 +106,28 @@ async def test_waiters_take_over_after_generator_failure(
     assert figures["hits"] == 3
 
 
+async def test_waiters_that_give_up_still_count(start_server: Any, backend: str) -> None:
+    running = await start_server(backend, generator=CountingGenerator(latency=1.0), rate_limit=100)
+    stub = pb_grpc.TokenFlowServiceStub(running.channel())
+    holder = stub.Generate(pb.GenerateRequest(prompt="slow to fill"), timeout=10)
+    await asyncio.sleep(0.2)
+    waiters = [
+        stub.Generate(pb.GenerateRequest(prompt="slow to fill"), timeout=0.3) for _ in range(6)
+    ]
+    outcomes = await asyncio.gather(*waiters, return_exceptions=True)
+    answer = await holder
+
+    assert answer.cached is False
+    assert all(isinstance(outcome, grpc.aio.AioRpcError) for outcome in outcomes)
+    assert {outcome.code() for outcome in outcomes} == {grpc.StatusCode.DEADLINE_EXCEEDED}
+    figures = await counters(running)
+    assert figures["requests"] == 7
+    # A call that waits for an identical one counts as a hit when it starts waiting.
+    assert figures["misses"] == 1
+    assert figures["hits"] == 6
+    assert figures["hits"] + figures["misses"] + figures["blocked"] == figures["requests"]
+
+
 async def test_simulated_stream_fills_cache(running: Running) -> None:
     stub = pb_grpc.TokenFlowServiceStub(running.channel())
     call = stub.GenerateStream(pb.GenerateStreamRequest(prompt="stream on every backend"))

@@ -561,7 +561,7 @@ class TokenFlow:
                 delay = min(delay * 2, _WAIT_POLL_MAX_SECONDS)
 
             try:
-                claimed = await self.rounds.claim(call)
+                claimed = await self.rounds.claim(call, waiting=True)
             except (RedisError, OSError) as error:
                 self._check_fail_open(error)
                 return Claimed(OUTCOME_SKIPPED, None, None)

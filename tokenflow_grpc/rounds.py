@@ -167,8 +167,12 @@ class Rounds(Protocol):
     async def begin(self, call: Call) -> Begun:
         """Rate limit the call, count it, claim its cache entry and record its event."""
 
-    async def claim(self, call: Call) -> Claimed:
-        """Read the cache entry, or take over the lock that its holder released."""
+    async def claim(self, call: Call, waiting: bool = False) -> Claimed:
+        """Read the cache entry, or take over the lock that its holder released.
+
+        waiting: the call is polling after its first claim returned
+        OUTCOME_WAIT, which already counted it as a hit.
+        """
 
 
 def rounds_for(
@@ -222,7 +226,7 @@ class SingleSlotRounds:
         )
         return Begun.from_reply(reply, with_event=True)
 
-    async def claim(self, call: Call) -> Claimed:
+    async def claim(self, call: Call, waiting: bool = False) -> Claimed:
         keys = self.keys
         reply = await self.scripts.claim_generate(
             keys=[
@@ -234,6 +238,7 @@ class SingleSlotRounds:
             args=[
                 call.token,
                 self.lock_ttl_ms,
+                "1" if waiting else "0",
                 self.settings.activity_max_events,
                 call.client,
                 call.prompt_excerpt,
@@ -285,7 +290,7 @@ class ShardedRounds:
         event_id = await self._record_event(call, outcome)
         return dataclasses.replace(limited, event_id=event_id)
 
-    async def claim(self, call: Call) -> Claimed:
+    async def claim(self, call: Call, waiting: bool = False) -> Claimed:
         keys = self.keys
         reply = await self.scripts.claim_generate(
             keys=[
@@ -293,7 +298,7 @@ class ShardedRounds:
                 keys.lock(call.cache_key),
                 keys.counters(keys.cache_shard(call.cache_key)),
             ],
-            args=[call.token, self.lock_ttl_ms],
+            args=[call.token, self.lock_ttl_ms, "1" if waiting else "0"],
         )
         outcome, cached_text, _no_event = reply
         event_id = await self._record_event(call, int(outcome))

@@ -41,8 +41,8 @@ class CountedRounds:
         _count_cache(begun.outcome)
         return begun
 
-    async def claim(self, call: Call) -> Claimed:
-        claimed = await self.rounds.claim(call)
+    async def claim(self, call: Call, waiting: bool = False) -> Claimed:
+        claimed = await self.rounds.claim(call, waiting)
         _count_cache(claimed.outcome)
         return claimed
 

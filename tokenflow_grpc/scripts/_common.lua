@@ -205,27 +205,42 @@ local function limit_call(state, tokens, counters, blocked, now, second, stats_t
 end
 
 -- Read the cache entry, or take the single-flight lock when it is missing,
--- and count a hit or a miss in counters (nothing for outcome 3).
+-- and count the call as a hit or a miss in counters.
+-- A call that finds another request holding the lock waits for that
+-- request's answer, so it counts as a hit at once; waiting is "1" for the
+-- claims it makes while it waits, which count nothing more unless the call
+-- takes the lock over (the holder failed), which moves it from the hits to
+-- the misses. Every admitted call is thus in exactly one of the two, even
+-- one that stops waiting early.
 -- Returns {outcome, cached text or false} where outcome is
 --   1 cache hit, 2 miss (the caller holds the lock and must generate),
---   3 wait (another request holds the lock; nothing was counted).
-local function claim_entry(cache, lock, counters, token, lock_ttl_ms)
+--   3 wait (another request holds the lock).
+local function claim_entry(cache, lock, counters, token, lock_ttl_ms, waiting)
   local cached = redis.call('GET', cache)
   if cached then
-    redis.call('HINCRBY', counters, 'hits', 1)
+    if waiting ~= '1' then
+      redis.call('HINCRBY', counters, 'hits', 1)
+    end
     return {1, cached}
   end
   if redis.call('SET', lock, token, 'NX', 'PX', lock_ttl_ms) then
+    if waiting == '1' then
+      redis.call('HINCRBY', counters, 'hits', -1)
+    end
     redis.call('HINCRBY', counters, 'misses', 1)
     return {2, false}
+  end
+  if waiting ~= '1' then
+    redis.call('HINCRBY', counters, 'hits', 1)
   end
   return {3, false}
 end
 
 -- claim_entry, then record the event of a hit or a miss in stream.
 -- Returns {outcome, cached text or false, event id or false}, outcome as in claim_entry.
-local function claim(cache, lock, counters, stream, token, lock_ttl_ms, cap, client, prompt, model)
-  local claimed = claim_entry(cache, lock, counters, token, lock_ttl_ms)
+local function claim(cache, lock, counters, stream, token, lock_ttl_ms, waiting, cap, client,
+                     prompt, model)
+  local claimed = claim_entry(cache, lock, counters, token, lock_ttl_ms, waiting)
   if claimed[1] == 1 then
     local id = record_event(stream, cap, 'cache_hit', client, prompt, model, '1', '0')
     return {1, claimed[2], id}

@@ -34,8 +34,8 @@
 --          reason, tokens remaining, tokens reset_ms, shadow_rejected}, the last four as
 --          returned by limit_call
 --   outcome: 0 rejected, 1 cache hit, 2 miss (caller holds the lock and must
---            generate), 3 wait (another request holds the lock; only the
---            request itself was counted), 4 cache skipped (counted as a miss)
+--            generate), 3 wait (another request holds the lock; counted as
+--            a hit, see claim_entry), 4 cache skipped (counted as a miss)
 --   reset_ms: time in ms since the epoch when the window frees a request (see limit_call)
 --   retry_after_ms: ms until a request would be admitted, 0 when admitted
 
@@ -63,6 +63,7 @@ if ARGV[10] == '0' then
   return {4, remaining, reset, 0, false, id, reason, tokens_left, tokens_reset, shadow_rejected}
 end
 
-local claimed = claim(KEYS[2], KEYS[3], KEYS[4], KEYS[8], ARGV[4], ARGV[5], cap, client, prompt, model)
+local claimed = claim(KEYS[2], KEYS[3], KEYS[4], KEYS[8], ARGV[4], ARGV[5], '0', cap, client,
+  prompt, model)
 return {claimed[1], remaining, reset, 0, claimed[2], claimed[3], reason, tokens_left, tokens_reset,
   shadow_rejected}

@@ -11,15 +11,17 @@
 -- KEYS[4] activity   stream; optional: without it no event is recorded
 -- ARGV[1] lock token of this request
 -- ARGV[2] lock TTL, ms
--- ARGV[3] activity stream cap (approximate)
--- ARGV[4] client identity
--- ARGV[5] prompt excerpt for the activity event
--- ARGV[6] model
+-- ARGV[3] "1" for a polling step of a waiting request (see claim_entry), else "0"
+-- ARGV[4] activity stream cap (approximate)
+-- ARGV[5] client identity
+-- ARGV[6] prompt excerpt for the activity event
+-- ARGV[7] model
 --
 -- Returns {outcome, cached text or false, event id or false}, outcome as in claim_entry().
 
 if not KEYS[4] then
-  local claimed = claim_entry(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2])
+  local claimed = claim_entry(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
   return {claimed[1], claimed[2], false}
 end
-return claim(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6])
+return claim(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
+  ARGV[6], ARGV[7])

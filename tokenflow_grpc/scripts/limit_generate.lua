@@ -61,6 +61,6 @@ if not KEYS[7] then
   return {5, remaining, reset, 0, false, reason, tokens_left, tokens_reset, shadow_rejected}
 end
 
-local claimed = claim_entry(KEYS[7], KEYS[8], KEYS[2], ARGV[4], ARGV[5])
+local claimed = claim_entry(KEYS[7], KEYS[8], KEYS[2], ARGV[4], ARGV[5], '0')
 return {claimed[1], remaining, reset, 0, claimed[2], reason, tokens_left, tokens_reset,
   shadow_rejected}
