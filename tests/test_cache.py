@@ -54,6 +54,14 @@ async def test_different_parameters_miss(running: Running, variant: dict[str, An
     assert len(running.generator.requests) == 2
 
 
+async def test_negative_zero_temperature_shares_entry(running: Running) -> None:
+    first = await running.client.generate("Explain caching", temperature=0.0)
+    negative = await running.client.generate("Explain caching", temperature=-0.0)
+
+    assert negative.response.cached is True
+    assert negative.response.cache_key == first.response.cache_key
+
+
 async def test_default_model_shares_entry_with_named_default(running: Running) -> None:
     await running.client.generate("Explain caching")
     named = await running.client.generate("Explain caching", model="tokenflow-sim-1")
