@@ -167,3 +167,34 @@ async def test_watch_rejects_bad_filter(
 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert bad_request(caught.value).field_violations[0].field == field
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"\x0a\x02\xff\xfe", b"\xff\xff\xff"],
+    ids=["prompt-not-utf8", "not-protobuf"],
+)
+@pytest.mark.parametrize(
+    ("method", "type_name"),
+    [("Generate", "GenerateRequest"), ("WatchActivity", "WatchActivityRequest")],
+)
+async def test_undecodable_request_is_invalid_argument(
+    running_valkey: Running, data: bytes, method: str, type_name: str
+) -> None:
+    channel = running_valkey.channel()
+    path = f"/tokenflow.v1.TokenFlowService/{method}"
+    # No serializer: the bytes go on the wire as they are.
+    if method == "Generate":
+        call: Any = channel.unary_unary(path)(data, timeout=5.0)
+    else:
+        call = channel.unary_stream(path)(data, timeout=5.0)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        if method == "Generate":
+            await call
+        else:
+            async for _ in call:
+                pass
+
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"the request is not a valid tokenflow.v1.{type_name}" in (caught.value.details() or "")

@@ -4,6 +4,9 @@ it in the Prometheus metrics, and logs one line per request at DEBUG.
 The request id comes from the caller's x-request-id metadata when valid, is
 generated when missing, and goes back in the response's trailing metadata,
 on errors too. An invalid one fails the call with INVALID_ARGUMENT.
+
+A request whose bytes do not parse as its message type also fails with
+INVALID_ARGUMENT; left to gRPC, it would be UNKNOWN with a Python class name.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from tokenflow_grpc.identity import client_identity
 from tokenflow_grpc.metrics import RPC_DURATION, RPCS_HANDLED
@@ -52,6 +57,9 @@ class ObservabilityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
+        if handler.unary_unary is not None or handler.unary_stream is not None:
+            deserializer = _tolerant(handler.request_deserializer)
+            handler = handler._replace(request_deserializer=deserializer)
         rpc = _Rpc(self, handler_call_details.method)
         if handler.unary_unary is not None:
             rpc.kind = TYPE_UNARY
@@ -82,6 +90,8 @@ class _Rpc:
             try:
                 if invalid:
                     await _reject_request_id(context, invalid, request_id)
+                if isinstance(request, Undecodable):
+                    await _reject_undecodable(context, request, request_id)
                 response = await behavior(request, _RequestIdContext(context, request_id))
                 code = _code_of(context)
                 return response
@@ -110,6 +120,8 @@ class _Rpc:
             try:
                 if invalid:
                     await _reject_request_id(context, invalid, request_id)
+                if isinstance(request, Undecodable):
+                    await _reject_undecodable(context, request, request_id)
                 async for response in behavior(request, _RequestIdContext(context, request_id)):
                     yield response
                 code = _code_of(context)
@@ -233,6 +245,43 @@ async def _reject_request_id(
     """Fail the call with INVALID_ARGUMENT, sending the id generated in place of the caller's."""
     await context.abort(
         grpc.StatusCode.INVALID_ARGUMENT, message, trailing_metadata=((REQUEST_ID_KEY, request_id),)
+    )
+    raise AssertionError("context.abort returned")  # abort always raises
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """Stands in for a request message whose bytes did not parse."""
+
+    type_name: str
+    error: str
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """Wrap a request deserializer so that a parse error returns Undecodable."""
+    if deserializer is None:
+        return None
+    message_type = getattr(deserializer, "__self__", None)
+    descriptor = getattr(message_type, "DESCRIPTOR", None)
+    type_name = getattr(descriptor, "full_name", "request message")
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as error:
+            return Undecodable(type_name, str(error))
+
+    return deserialize
+
+
+async def _reject_undecodable(
+    context: grpc.aio.ServicerContext[Any, Any], request: Undecodable, request_id: str
+) -> NoReturn:
+    """Fail a call whose request did not parse with INVALID_ARGUMENT."""
+    await context.abort(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        f"the request is not a valid {request.type_name}: {request.error}",
+        trailing_metadata=((REQUEST_ID_KEY, request_id),),
     )
     raise AssertionError("context.abort returned")  # abort always raises
 
