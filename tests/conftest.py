@@ -150,6 +150,8 @@ def make_settings(valkey_url: str, **overrides: Any) -> Settings:
         "valkey_url": valkey_url,
         "valkey_cluster": valkey_url in CLUSTER_URLS,
         "key_prefix": f"test-{uuid.uuid4().hex[:12]}",
+        # Tests read the key counts right after writing keys.
+        "key_count_interval": 0.0,
     }
     values.update(overrides)
     return Settings(**values)

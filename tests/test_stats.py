@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 import grpc
+from redis import Redis
 
 from tests.conftest import ManualClock, Running
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
@@ -107,6 +108,43 @@ async def test_key_distribution_counts_keys(running: Running) -> None:
     assert stats.rate_limit.total_keys == 1
     assert stats.total_keys == sum(stats.key_distribution.values())
     assert "lock" not in stats.key_distribution
+
+
+async def test_key_counts_reused_within_interval(start_server: Any, valkey_url: str) -> None:
+    running = await start_server(valkey_url, key_count_interval=0.5)
+    await running.client.generate("counted")
+    first = await running.client.stats()
+    await running.client.generate("written after the count")
+    reused = await running.client.stats()
+    await asyncio.sleep(0.6)
+    recounted = await running.client.stats()
+
+    assert first.cache.cached_keys == 1
+    assert reused.cache.cached_keys == 1
+    assert reused.cache.misses == 2
+    assert recounted.cache.cached_keys == 2
+
+
+def scan_calls(valkey_url: str) -> int:
+    with Redis.from_url(valkey_url) as client:
+        stats = client.info("commandstats").get("cmdstat_scan", {})
+        return int(stats.get("calls", 0))
+
+
+async def test_concurrent_stats_share_one_key_count(start_server: Any, valkey_url: str) -> None:
+    every_call = await start_server(valkey_url, key_count_interval=0.0)
+    shared = await start_server(valkey_url, key_count_interval=60.0)
+    before = scan_calls(valkey_url)
+    await every_call.client.stats()
+    one_count = scan_calls(valkey_url) - before
+
+    before = scan_calls(valkey_url)
+    replies = await asyncio.gather(*(shared.client.stats() for _ in range(20)))
+    twenty_callers = scan_calls(valkey_url) - before
+
+    assert one_count >= 1
+    assert twenty_callers == one_count
+    assert {reply.total_keys for reply in replies} == {replies[0].total_keys}
 
 
 async def test_stats_ignore_other_prefixes(start_server: Any, valkey_url: str) -> None:

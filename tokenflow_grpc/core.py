@@ -64,7 +64,7 @@ from tokenflow_grpc.rounds import (
 )
 from tokenflow_grpc.rounds_metrics import CountedRounds
 from tokenflow_grpc.settings import Settings
-from tokenflow_grpc.stats import StatsSnapshot, read_stats
+from tokenflow_grpc.stats import KeyCensus, StatsSnapshot, read_stats
 from tokenflow_grpc.usage import admission_tokens
 from tokenflow_grpc.valkey import ping
 
@@ -139,6 +139,7 @@ class TokenFlow:
         self.scripts = Scripts.register(redis)
         self.in_flight = InFlight()
         self.hub = hub or ActivityHub(redis, self.keys.activity, settings.watch_queue_size)
+        self.census = KeyCensus(redis, self.keys, settings.key_count_interval)
         self._clock = clock
         self._warnings = RepeatLimiter(logger)
         self._lock_ttl_ms = int(LOCK_LEASE_SECONDS * 1000)
@@ -319,8 +320,7 @@ class TokenFlow:
         SHADOW_REJECTIONS.labels(decision.policy, decision.reason).inc()
         self._warnings.warning(
             f"shadow {decision.policy}",
-            "shadow policy %s would have rejected a call from %s (over its %s limit); "
-            "admitted it",
+            "shadow policy %s would have rejected a call from %s (over its %s limit); admitted it",
             decision.policy,
             call.client,
             decision.reason,
@@ -579,7 +579,9 @@ class TokenFlow:
         """Return a snapshot of the figures, or None when Valkey cannot be reached."""
         try:
             with valkey_timer(OPERATION_STATS):
-                return await read_stats(self.redis, self.keys, self.now_ms(), activity_limit)
+                return await read_stats(
+                    self.redis, self.keys, self.now_ms(), activity_limit, self.census
+                )
         except (RedisError, OSError) as error:
             self._warnings.warning("stats", "GetStats could not reach Valkey: %s", error)
             return None

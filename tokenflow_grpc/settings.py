@@ -437,6 +437,14 @@ class Settings:
         100,
         parse=int,
     )
+    key_count_interval: float = _option(
+        "--key-count-interval",
+        "TOKENFLOW_KEY_COUNT_INTERVAL",
+        "Seconds for which GetStats reuses its count of keys per kind, which walks "
+        "the keyspace with SCAN; 0 counts on every call.",
+        5.0,
+        parse=float,
+    )
     watch_queue_size: int = _option(
         "--watch-queue-size",
         "TOKENFLOW_WATCH_QUEUE_SIZE",
@@ -546,6 +554,7 @@ class Settings:
             ("--upstream-backoff", self.upstream_backoff, MAX_TIMEOUT_SECONDS),
             ("--generator-timeout", self.generator_timeout, MAX_TIMEOUT_SECONDS),
             ("--generator-latency", self.generator_latency, MAX_TIMEOUT_SECONDS),
+            ("--key-count-interval", self.key_count_interval, MAX_TIMEOUT_SECONDS),
             ("--valkey-timeout", self.valkey_timeout, MAX_TIMEOUT_SECONDS),
             ("--simulate-max-count", self.simulate_max_count, MAX_SIMULATE_COUNT),
             ("--activity-max-events", self.activity_max_events, MAX_ACTIVITY_EVENTS),
@@ -591,6 +600,10 @@ class Settings:
         if self.generator_latency < 0:
             raise ConfigurationError(
                 f"--generator-latency must not be negative, got {self.generator_latency}"
+            )
+        if self.key_count_interval < 0:
+            raise ConfigurationError(
+                f"--key-count-interval must not be negative, got {self.key_count_interval}"
             )
         if self.max_message_bytes <= self.max_prompt_bytes:
             raise ConfigurationError(

@@ -1,5 +1,6 @@
 """Reading the figures of GetStats: counters kept on the write path, per-second
-buckets for the last minute, top consumers and a SCAN-based key count.
+buckets for the last minute, top consumers and a SCAN-based key count, which
+is reused for --key-count-interval seconds.
 
 Each shard of the key layout (keys.KeySpace) keeps its own counters, buckets
 and consumers, so a snapshot sums the shards.
@@ -8,8 +9,9 @@ and consumers, so a snapshot sums the shards.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,8 +109,15 @@ def sum_last_minute(now_ms: int, *buckets: dict[str, str]) -> int:
     )
 
 
-async def read_stats(redis: Any, keys: KeySpace, now_ms: int, activity_limit: int) -> StatsSnapshot:
-    """Read one snapshot: one transaction per shard, then SCAN for key counts.
+async def read_stats(
+    redis: Any,
+    keys: KeySpace,
+    now_ms: int,
+    activity_limit: int,
+    census: KeyCensus | None = None,
+) -> StatsSnapshot:
+    """Read one snapshot: one transaction per shard, then the key counts from
+    census (a fresh SCAN without one).
 
     The activity read joins the transaction of the shard that shares its slot
     (the only shard of a single Valkey). On a cluster no shard does, so it is
@@ -123,7 +132,7 @@ async def read_stats(redis: Any, keys: KeySpace, now_ms: int, activity_limit: in
         shards = await read_shards(redis, keys, now_ms, activity_limit)
         activity = shards[keys.activity_shard].activity or []
 
-    distribution = await count_keys(redis, keys)
+    distribution = await (census.counts() if census else count_keys(redis, keys))
     return StatsSnapshot(
         now_ms=now_ms,
         counters=Counters.total(shard.counters for shard in shards),
@@ -232,3 +241,48 @@ async def count_keys(redis: Any, keys: KeySpace) -> dict[str, int]:
         if kind is not None:
             distribution[kind] += 1
     return dict(distribution)
+
+
+class KeyCensus:
+    """The count of keys per kind, reused for max_age seconds.
+
+    Counting walks the whole keyspace, so its cost grows with the number of
+    keys; reusing a recent count bounds how often GetStats pays it, however
+    many callers poll. Concurrent callers share one count in progress.
+    """
+
+    def __init__(
+        self,
+        redis: Any,
+        keys: KeySpace,
+        max_age: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.max_age = max_age
+        self.clock = clock
+        self._counted: tuple[float, dict[str, int]] | None = None
+        self._counting: asyncio.Future[dict[str, int]] | None = None
+
+    async def counts(self) -> dict[str, int]:
+        if self._counted is not None and self.clock() - self._counted[0] < self.max_age:
+            return self._counted[1]
+        if self._counting is None:
+            self._counting = asyncio.ensure_future(self._count())
+            self._counting.add_done_callback(self._forget)
+        # Shielded, so that a caller that gives up does not stop the count
+        # that other callers wait for.
+        return await asyncio.shield(self._counting)
+
+    async def _count(self) -> dict[str, int]:
+        started = self.clock()
+        counted = await count_keys(self.redis, self.keys)
+        self._counted = (started, counted)
+        return counted
+
+    def _forget(self, future: asyncio.Future[dict[str, int]]) -> None:
+        self._counting = None
+        if not future.cancelled():
+            # Read the exception, if any, so asyncio does not log it as never retrieved.
+            future.exception()
