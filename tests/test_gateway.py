@@ -456,9 +456,15 @@ async def test_non_utf8_body_400(gateway: RunningGateway) -> None:
     [
         ("GET", "/v1/generate", "POST"),
         ("PUT", "/api/generate", "POST"),
-        ("POST", "/v1/stats", "GET"),
+        ("POST", "/v1/stats", "GET, HEAD"),
         ("DELETE", "/v1/simulate", "POST"),
-        ("POST", "/v1/activity:watch", "GET"),
+        ("POST", "/v1/activity:watch", "GET, HEAD"),
+        ("POST", "/healthz", "GET, HEAD"),
+        ("DELETE", "/healthz", "GET, HEAD"),
+        ("POST", "/openapi.json", "GET, HEAD"),
+        ("PUT", "/openapi.json", "GET, HEAD"),
+        ("POST", "/static/app.js", "GET, HEAD"),
+        ("PATCH", "/", "GET, HEAD"),
     ],
 )
 async def test_wrong_method_405(
@@ -470,6 +476,21 @@ async def test_wrong_method_405(
     assert reply.headers["Allow"] == allowed
     assert reply.body["code"] == grpc.StatusCode.UNIMPLEMENTED.value[0]
     assert allowed in reply.body["message"]
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/openapi.json", "/v1/stats", "/", "/static/app.js"])
+async def test_head_like_get(gateway: RunningGateway, path: str) -> None:
+    async with gateway.session.get(gateway.url + path, timeout=HTTP_TIMEOUT) as response:
+        get_status = response.status
+        get_type = response.headers["Content-Type"]
+    async with gateway.session.head(gateway.url + path, timeout=HTTP_TIMEOUT) as response:
+        head_body = await response.read()
+
+    assert get_status == 200
+    assert response.status == 200
+    assert response.headers["Content-Type"] == get_type
+    assert "X-Request-Id" in response.headers
+    assert head_body == b""
 
 
 @pytest.mark.parametrize("path", ["/v2/generate", "/v1/generate/extra", "/v1/activity"])

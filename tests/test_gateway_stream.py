@@ -207,6 +207,20 @@ async def test_two_watchers(gateway: RunningGateway) -> None:
     assert ndjson_ids == sse_ids
 
 
+async def test_head_ends_watch(gateway: RunningGateway, running_valkey: Running) -> None:
+    hub = running_valkey.core.hub
+
+    async with gateway.session.head(gateway.url + WATCH_PATH, timeout=STREAM_TIMEOUT) as response:
+        body = await asyncio.wait_for(response.read(), READ_SECONDS)
+    cancelled = await wait_until(lambda: hub.watcher_count == 0, timeout=CANCEL_SECONDS)
+
+    assert response.status == 200
+    assert response.headers["Content-Type"] == NDJSON
+    assert response.headers["Grpc-Metadata-Tokenflow-Watch"] == "subscribed"
+    assert body == b""
+    assert cancelled
+
+
 # Errors before the stream starts: a JSON google.rpc.Status, no stream
 
 

@@ -9,7 +9,7 @@ import json
 import logging
 import ssl
 import zlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
@@ -32,6 +32,13 @@ from tokenflow_grpc.gateway.request_ids import (
     add_request_id_header,
     request_ids,
     with_request_id,
+)
+from tokenflow_grpc.gateway.responses import (
+    READ_METHODS,
+    Handler,
+    error_response,
+    method_not_allowed,
+    read_only,
 )
 from tokenflow_grpc.gateway.routes import Route, routes_for
 from tokenflow_grpc.gateway.transcode import (
@@ -57,14 +64,6 @@ SSE_KEEPALIVE_SECONDS = 15.0
 # Stream ids are two 20-digit numbers and a dash.
 MAX_EVENT_ID_LENGTH = 41
 HEALTH_TIMEOUT_SECONDS = 2.0
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def error_response(
-    code: grpc.StatusCode, message: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.json_response(status_json(code, message), status=http_status(code), headers=headers)
 
 
 @web.middleware
@@ -133,8 +132,8 @@ class Gateway:
             client_max_size=self.max_body_bytes, middlewares=[request_ids, status_errors]
         )
         app.on_response_prepare.append(add_request_id_header)
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/openapi.json", self.openapi_document)
+        app.router.add_route("*", "/healthz", read_only(self.healthz))
+        app.router.add_route("*", "/openapi.json", read_only(self.openapi_document))
         if self.web_dashboard is not None:
             self.web_dashboard.add_routes(app)
         app.router.add_route("*", "/{tail:.*}", self.dispatch)
@@ -156,32 +155,28 @@ class Gateway:
         return web.json_response(self.openapi)
 
     def find_route(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
-        """Return the route and path variables for a request, or raise 404 or 405."""
-        allowed = []
+        """Return the route and path variables for a request, or raise 404 or 405.
+
+        A GET route also serves HEAD.
+        """
+        allowed: set[str] = set()
         for route in self.routes:
             values = route.template.match(path)
             if values is None:
                 continue
-            if route.http_method == method:
+            methods = READ_METHODS if route.http_method == "GET" else (route.http_method,)
+            if method in methods:
                 return route, values
-            allowed.append(route.http_method)
+            allowed.update(methods)
         if allowed:
-            raise web.HTTPMethodNotAllowed(method, sorted(set(allowed)))
+            raise web.HTTPMethodNotAllowed(method, sorted(allowed))
         raise web.HTTPNotFound(reason=f"no route for {path}")
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         try:
             route, path_values = self.find_route(request.method, request.path)
         except web.HTTPMethodNotAllowed as error:
-            return web.json_response(
-                status_json(
-                    grpc.StatusCode.UNIMPLEMENTED,
-                    f"method {request.method} is not allowed on {request.path}; "
-                    f"allowed: {', '.join(error.allowed_methods)}",
-                ),
-                status=405,
-                headers={"Allow": ", ".join(sorted(error.allowed_methods))},
-            )
+            return method_not_allowed(request, sorted(error.allowed_methods))
         except web.HTTPNotFound:
             return error_response(grpc.StatusCode.NOT_FOUND, f"no route for {request.path}")
 
@@ -258,6 +253,10 @@ class Gateway:
             }
         )
         await response.prepare(request)
+        if request.method == "HEAD":
+            call.cancel()  # HEAD gets the stream's headers and no body.
+            await response.write_eof()
+            return response
         writer = _StreamWriter(response, sse)
         keepalive = asyncio.create_task(writer.keepalive()) if sse else None
         try:
