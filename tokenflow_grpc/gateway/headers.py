@@ -51,8 +51,18 @@ MAX_FORWARDED_METADATA_BYTES = 4096
 # overflows gRPC's clock.
 MAX_TIMEOUT_SECONDS = 30 * 86400.0
 RATE_LIMIT_POLICY_NAME = "default"
-# HTTP headers passed on as metadata under their own name.
-FORWARDED_HEADERS = ("authorization", "x-api-key", "x-request-id")
+# HTTP headers passed on as metadata under their own name. X-Request-Id is
+# not among them, because request_ids.py checks it and sends the one id that
+# the response returns.
+FORWARDED_HEADERS = ("authorization", "x-api-key")
+# Metadata that the gateway sets from an HTTP header of its own, and that
+# header. A Grpc-Metadata- header for one of these keys is rejected with 400,
+# because the server would otherwise receive a second, unchecked value.
+SHADOWED_KEYS = {
+    "authorization": "Authorization",
+    "x-api-key": "X-API-Key",
+    "x-request-id": "X-Request-Id",
+}
 # The challenge of a 401 response (RFC 6750, section 3).
 AUTHENTICATE_CHALLENGE = 'Bearer realm="tokenflow"'
 # Characters allowed in ASCII metadata keys and values (gRPC over HTTP/2 protocol).
@@ -112,9 +122,10 @@ def _checked(name: str, key: str, value: str) -> tuple[str, str]:
 def request_metadata(
     headers: Mapping[str, str] | Any, peer: str | None, trusted: Sequence[Network]
 ) -> list[tuple[str, str]]:
-    """Return the gRPC metadata for an HTTP request's headers.
+    """Return the gRPC metadata for an HTTP request's headers, all but x-request-id.
 
-    Raises HeaderError for a forwarded header that gRPC metadata cannot carry.
+    Raises HeaderError for a forwarded header that gRPC metadata cannot carry,
+    and for a Grpc-Metadata- header of a key in SHADOWED_KEYS.
     """
     metadata: list[tuple[str, str]] = []
     for name, value in headers.items():
@@ -125,6 +136,11 @@ def request_metadata(
             METADATA_HEADER_PREFIX
         ):
             key = lowered[len(METADATA_HEADER_PREFIX) :]
+            if key in SHADOWED_KEYS:
+                raise HeaderError(
+                    f"header {name!r} is not allowed: send {SHADOWED_KEYS[key]!r} instead, "
+                    "which the gateway checks and forwards"
+                )
             if (
                 key.endswith("-bin")
                 or key.startswith("grpc-")
@@ -137,7 +153,7 @@ def request_metadata(
     size = sum(len(key) + len(value) for key, value in metadata)
     if size > MAX_FORWARDED_METADATA_BYTES:
         raise HeaderError(
-            f"the forwarded headers (Authorization, X-API-Key, X-Request-Id, Grpc-Metadata-*) are "
+            f"the forwarded headers (Authorization, X-API-Key, Grpc-Metadata-*) are "
             f"{size} bytes; the maximum is {MAX_FORWARDED_METADATA_BYTES}"
         )
 

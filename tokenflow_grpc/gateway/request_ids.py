@@ -52,9 +52,9 @@ async def request_ids(
 
 
 def with_request_id(request: web.Request, metadata: list[tuple[str, str]]) -> None:
-    """Add the request's id to metadata unless the client's X-Request-Id is already there."""
+    """Add the request's id, the one that X-Request-Id returns, to metadata."""
     request_id = request.get(_STATE_KEY)
-    if request_id and not any(key == REQUEST_ID_KEY for key, _ in metadata):
+    if request_id:
         metadata.append((REQUEST_ID_KEY, request_id))
 
 
