@@ -5,6 +5,7 @@ document and /healthz, plus unit tests of path templates and transcoding."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import json
 import random
@@ -326,6 +327,8 @@ async def test_invalid_argument_400(gateway: RunningGateway) -> None:
     assert detail_types(reply.body) == ["google.rpc.BadRequest"]
     violations = detail_of(reply.body, "google.rpc.BadRequest")["fieldViolations"]
     assert [violation["field"] for violation in violations] == ["prompt"]
+    assert "Grpc-Trailer-Grpc-Status-Details-Bin" not in reply.headers
+    assert "Grpc-Metadata-Grpc-Status-Details-Bin" not in reply.headers
 
 
 async def test_invalid_stats_limit_400(gateway: RunningGateway) -> None:
@@ -589,10 +592,14 @@ async def test_standalone_gateway_details(running_valkey: Running) -> None:
 # Header mapping, checked on a gRPC server that records what it receives
 
 
+# Bytes whose base64 differs between the standard and the URL-safe alphabet.
+BINARY_VALUE = b"\x00\xfb\xff\xfe\x01"
+
+
 @dataclass
 class Recorder(pb_grpc.TokenFlowServiceServicer):
     """A TokenFlowService whose Generate records its metadata and deadline,
-    and returns initial and trailing metadata of its own."""
+    and returns initial and trailing metadata of its own, text and binary."""
 
     metadata: list[tuple[str, Any]] = field(default_factory=list)
     time_remaining: float | None = None
@@ -605,8 +612,10 @@ class Recorder(pb_grpc.TokenFlowServiceServicer):
     ) -> pb.GenerateResponse:
         self.metadata = list(context.invocation_metadata() or ())
         self.time_remaining = context.time_remaining()
-        await context.send_initial_metadata((("x-initial", "first"),))
-        context.set_trailing_metadata((("x-trailing", "last"),))
+        await context.send_initial_metadata(
+            (("x-initial", "first"), ("x-initial-bin", BINARY_VALUE))
+        )
+        context.set_trailing_metadata((("x-trailing", "last"), ("x-trailing-bin", b"\xfe")))
         return pb.GenerateResponse(response=f"recorded {request.prompt}")
 
 
@@ -709,16 +718,54 @@ async def test_reserved_metadata_dropped(
     gateway = await start_gateway_for(address)
     headers = {
         "Grpc-Metadata-X-Forwarded-For": "198.51.100.1",
-        "Grpc-Metadata-Blob-Bin": "AAAA",
         "Grpc-Metadata-Grpc-Status": "0",
+        "Grpc-Metadata-Grpc-Status-Details-Bin": "AAAA",
     }
 
     reply = await post_to_recorder(gateway, headers)
 
     assert reply.status == 200
     assert servicer.value("x-forwarded-for") == ["127.0.0.1"]
-    assert servicer.value("blob-bin") == []
     assert servicer.value("grpc-status") == []
+    assert servicer.value("grpc-status-details-bin") == []
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        base64.b64encode(BINARY_VALUE).decode(),
+        base64.b64encode(BINARY_VALUE).decode().rstrip("="),
+        base64.urlsafe_b64encode(BINARY_VALUE).decode(),
+        base64.urlsafe_b64encode(BINARY_VALUE).decode().rstrip("="),
+    ],
+    ids=["standard", "standard-unpadded", "url-safe", "url-safe-unpadded"],
+)
+async def test_binary_metadata_decoded(
+    recorder: tuple[Recorder, str], start_gateway_for: Any, encoded: str
+) -> None:
+    servicer, address = recorder
+    gateway = await start_gateway_for(address)
+
+    reply = await post_to_recorder(gateway, {"Grpc-Metadata-Blob-Bin": encoded})
+
+    assert reply.status == 200
+    assert servicer.value("blob-bin") == [BINARY_VALUE]
+
+
+@pytest.mark.parametrize("encoded", ["not base64!", "AAAAA", "AA==AA", "AA=A", "AA==="])
+async def test_invalid_binary_metadata_400(
+    recorder: tuple[Recorder, str], start_gateway_for: Any, encoded: str
+) -> None:
+    servicer, address = recorder
+    gateway = await start_gateway_for(address)
+
+    reply = await post_to_recorder(gateway, {"Grpc-Metadata-Blob-Bin": encoded})
+
+    assert reply.status == 400
+    assert reply.body["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "'Grpc-Metadata-Blob-Bin'" in reply.body["message"]
+    assert "base64" in reply.body["message"]
+    assert servicer.metadata == []
 
 
 @pytest.mark.parametrize(
@@ -756,6 +803,8 @@ async def test_response_metadata_headers(
     assert reply.headers["Grpc-Metadata-X-Initial"] == "first"
     assert reply.headers["Grpc-Trailer-X-Trailing"] == "last"
     assert "Grpc-Metadata-X-Trailing" not in reply.headers
+    assert reply.headers["Grpc-Metadata-X-Initial-Bin"] == base64.b64encode(BINARY_VALUE).decode()
+    assert reply.headers["Grpc-Trailer-X-Trailing-Bin"] == "/g=="
 
 
 WIRE_ROUNDING = 1.01

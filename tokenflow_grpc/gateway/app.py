@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tokenflow_grpc.gateway.headers import (
     HeaderError,
+    Metadata,
     challenge_headers,
     parse_timeout,
     request_metadata,
@@ -201,7 +202,7 @@ class Gateway:
         self,
         route: Route,
         message: Message,
-        metadata: list[tuple[str, str]],
+        metadata: Metadata,
         timeout: float | None,
     ) -> web.Response:
         call = self._callables[route.grpc_path](message, metadata=metadata, timeout=timeout)
@@ -217,7 +218,7 @@ class Gateway:
         request: web.Request,
         route: Route,
         message: Message,
-        metadata: list[tuple[str, str]],
+        metadata: Metadata,
         timeout: float | None,
     ) -> web.StreamResponse:
         """Relay a server stream as NDJSON, or as Server-Sent Events when accepted."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -68,6 +70,12 @@ AUTHENTICATE_CHALLENGE = 'Bearer realm="tokenflow"'
 # Characters allowed in ASCII metadata keys and values (gRPC over HTTP/2 protocol).
 METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
 METADATA_VALUE = re.compile(r"[\x20-\x7e]*")
+# Keys with this suffix carry bytes, sent over HTTP as base64.
+BINARY_SUFFIX = "-bin"
+# Base64 in the standard or the URL-safe alphabet, with or without padding.
+BASE64_VALUE = re.compile(r"[A-Za-z0-9+/_-]*={0,2}")
+
+Metadata = list[tuple[str, str | bytes]]
 
 
 class HeaderError(ValueError):
@@ -106,12 +114,17 @@ def forwarded_for(
     return peer
 
 
-def _checked(name: str, key: str, value: str) -> tuple[str, str]:
-    """Return (key, value) as metadata, or raise HeaderError when gRPC would reject it."""
+def _checked_key(name: str, key: str) -> str:
     if not METADATA_KEY.fullmatch(key):
         raise HeaderError(
             f"invalid header {name!r}: a metadata key may contain only 0-9, a-z, '_', '-' and '.'"
         )
+    return key
+
+
+def _checked(name: str, key: str, value: str) -> tuple[str, str]:
+    """Return (key, value) as metadata, or raise HeaderError when gRPC would reject it."""
+    _checked_key(name, key)
     if not METADATA_VALUE.fullmatch(value):
         raise HeaderError(
             f"invalid value of header {name!r}: metadata values must be printable ASCII"
@@ -119,15 +132,40 @@ def _checked(name: str, key: str, value: str) -> tuple[str, str]:
     return key, value
 
 
+def _binary(name: str, key: str, value: str) -> tuple[str, bytes]:
+    """Return (key, decoded bytes) for a -bin header, or raise HeaderError when
+    the key is invalid or the value is not base64. grpc-go decodes -bin
+    headers from the standard alphabet, padded or not; the URL-safe one is
+    accepted too because HTTP clients often produce it."""
+    _checked_key(name, key)
+    text = value.strip()
+    unpadded = text.rstrip("=")
+    if (
+        not BASE64_VALUE.fullmatch(text)
+        or len(unpadded) % 4 == 1
+        or (text != unpadded and len(text) % 4 != 0)
+    ):
+        raise HeaderError(
+            f"invalid value of header {name!r}: expected base64 in the standard or URL-safe "
+            "alphabet, with or without padding"
+        )
+    standard = unpadded.replace("-", "+").replace("_", "/")
+    try:
+        return key, base64.b64decode(standard + "=" * (-len(standard) % 4), validate=True)
+    except binascii.Error as error:
+        raise HeaderError(f"invalid value of header {name!r}: {error}") from error
+
+
 def request_metadata(
     headers: Mapping[str, str] | Any, peer: str | None, trusted: Sequence[Network]
-) -> list[tuple[str, str]]:
+) -> Metadata:
     """Return the gRPC metadata for an HTTP request's headers, all but x-request-id.
 
-    Raises HeaderError for a forwarded header that gRPC metadata cannot carry,
-    and for a Grpc-Metadata- header of a key in SHADOWED_KEYS.
+    A Grpc-Metadata-KEY-Bin header's base64 value is sent as bytes. Raises
+    HeaderError for a forwarded header that gRPC metadata cannot carry, and
+    for a Grpc-Metadata- header of a key in SHADOWED_KEYS.
     """
-    metadata: list[tuple[str, str]] = []
+    metadata: Metadata = []
     for name, value in headers.items():
         lowered = name.lower()
         if lowered in FORWARDED_HEADERS:
@@ -142,13 +180,15 @@ def request_metadata(
                     "which the gateway checks and forwards"
                 )
             if (
-                key.endswith("-bin")
-                or key.startswith("grpc-")
+                key.startswith("grpc-")
                 or key in RESERVED_METADATA
                 or key in FORBIDDEN_FORWARDED_KEYS
             ):
                 continue
-            metadata.append(_checked(name, key, value))
+            if key.endswith(BINARY_SUFFIX):
+                metadata.append(_binary(name, key, value))
+            else:
+                metadata.append(_checked(name, key, value))
 
     size = sum(len(key) + len(value) for key, value in metadata)
     if size > MAX_FORWARDED_METADATA_BYTES:
@@ -178,13 +218,20 @@ def response_headers(
 
     Rate-limit metadata becomes X-RateLimit-*, Retry-After and the IETF
     RateLimit-Policy / RateLimit fields; other initial metadata becomes
-    Grpc-Metadata-KEY and other trailing metadata Grpc-Trailer-KEY.
+    Grpc-Metadata-KEY and other trailing metadata Grpc-Trailer-KEY, with
+    the bytes of a KEY-bin in standard, padded base64.
     """
     headers: dict[str, str] = {}
     rate: dict[str, str] = {}
     for pairs, prefix in ((initial, "Grpc-Metadata-"), (trailing, TRAILER_HEADER_PREFIX)):
         for key, value in pairs or ():
-            if not isinstance(value, str) or key in RESERVED_METADATA:
+            if key in RESERVED_METADATA:
+                continue
+            if isinstance(value, bytes):
+                if key.endswith(BINARY_SUFFIX):
+                    headers[prefix + key] = base64.b64encode(value).decode("ascii")
+                continue
+            if not isinstance(value, str):
                 continue
             if key == "x-request-id":
                 continue  # The gateway sets X-Request-Id itself, from the same id.

@@ -11,6 +11,7 @@ import grpc
 from aiohttp import web
 
 from tokenflow_grpc.errors import quoted
+from tokenflow_grpc.gateway.headers import Metadata
 from tokenflow_grpc.gateway.transcode import status_json
 from tokenflow_grpc.request_id import (
     REQUEST_ID_KEY,
@@ -51,7 +52,7 @@ async def request_ids(
     return await handler(request)
 
 
-def with_request_id(request: web.Request, metadata: list[tuple[str, str]]) -> None:
+def with_request_id(request: web.Request, metadata: Metadata) -> None:
     """Add the request's id, the one that X-Request-Id returns, to metadata."""
     request_id = request.get(_STATE_KEY)
     if request_id:
