@@ -3,12 +3,13 @@ values, oversized metadata, extreme deadlines and header spellings."""
 
 from __future__ import annotations
 
+import gzip
 import zlib
 from typing import Any
 
 import pytest
 
-from tests.conftest import RunningGateway
+from tests.conftest import Running, RunningGateway
 
 
 async def post_generate(gateway: RunningGateway, data: bytes, **headers: str) -> Any:
@@ -34,6 +35,88 @@ async def test_undecodable_content_encoding_is_400(gateway: RunningGateway, enco
     assert status == 400
     assert body["code"] == 3
     assert encoding in body["message"] or "decode" in body["message"]
+
+
+@pytest.mark.parametrize(
+    ("header", "rejected"),
+    [
+        ("br", "br"),
+        ("zstd", "zstd"),
+        ("foo", "foo"),
+        ("compress", "compress"),
+        ("gzip, br", "br"),
+    ],
+)
+async def test_unsupported_content_encoding_415(
+    gateway: RunningGateway, running_valkey: Running, header: str, rejected: str
+) -> None:
+    async with gateway.session.post(
+        f"{gateway.url}/v1/generate",
+        data=b'{"prompt": "unsupported coding"}',
+        headers={"Content-Encoding": header},
+    ) as response:
+        body = await response.json()
+
+    assert response.status == 415
+    assert response.headers["Accept-Encoding"] == "gzip, deflate"
+    assert body["code"] == 3
+    assert repr(rejected) in body["message"]
+    assert running_valkey.generator.requests == []
+
+
+@pytest.mark.parametrize(
+    ("header", "encode"),
+    [
+        ("identity", lambda data: data),
+        ("Identity", lambda data: data),
+        ("x-gzip", gzip.compress),
+        ("GZIP", gzip.compress),
+        ("deflate", zlib.compress),
+        ("deflate", lambda data: zlib.compress(data, wbits=-15)),
+        ("deflate, gzip", lambda data: gzip.compress(zlib.compress(data))),
+        ("gzip", lambda data: gzip.compress(data[:10]) + gzip.compress(data[10:])),
+    ],
+    ids=[
+        "identity",
+        "identity-capitalized",
+        "x-gzip",
+        "gzip-uppercase",
+        "deflate-zlib",
+        "deflate-raw",
+        "deflate-then-gzip",
+        "gzip-two-members",
+    ],
+)
+async def test_supported_content_encoding(
+    gateway: RunningGateway, header: str, encode: Any
+) -> None:
+    status, body = await post_generate(
+        gateway, encode(b'{"prompt": "coded"}'), **{"Content-Encoding": header}
+    )
+
+    assert status == 200
+    assert "coded" in body["response"]
+
+
+async def test_gzip_body_over_limit_413(running_valkey: Running, start_gateway_for: Any) -> None:
+    gateway = await start_gateway_for(running_valkey.address, max_body_bytes=1024)
+    data = gzip.compress(b'{"prompt": "' + b" " * 100_000 + b'x"}')
+
+    status, body = await post_generate(gateway, data, **{"Content-Encoding": "gzip"})
+
+    assert len(data) < 1024
+    assert status == 413
+    assert "1024" in body["message"]
+    assert running_valkey.generator.requests == []
+
+
+async def test_truncated_gzip_body_400(gateway: RunningGateway) -> None:
+    data = gzip.compress(b'{"prompt": "cut short"}')[:-6]
+
+    status, body = await post_generate(gateway, data, **{"Content-Encoding": "gzip"})
+
+    assert status == 400
+    assert "'gzip'" in body["message"]
 
 
 async def test_valid_gzip_body_accepted(gateway: RunningGateway) -> None:

@@ -8,7 +8,6 @@ import asyncio
 import json
 import logging
 import ssl
-import zlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,6 +19,13 @@ from google.protobuf import descriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tokenflow_grpc.gateway.bodies import (
+    SUPPORTED_CODINGS,
+    BodyTooLargeError,
+    UnsupportedEncodingError,
+    content_codings,
+    decode_body,
+)
 from tokenflow_grpc.gateway.headers import (
     HeaderError,
     Metadata,
@@ -185,12 +191,18 @@ class Gateway:
             return error_response(grpc.StatusCode.NOT_FOUND, f"no route for {request.path}")
 
         try:
-            body = await _read_body(request) if route.body else b""
+            body = await _read_body(request, self.max_body_bytes) if route.body else b""
             query = {key: request.query.getall(key) for key in request.query.keys()}
             message = build_request(route, path_values, query, body)
             timeout = _timeout(request)
             metadata = request_metadata(request.headers, request.remote, self.trusted_proxies)
             with_request_id(request, metadata)
+        except UnsupportedEncodingError as error:
+            return web.json_response(
+                status_json(grpc.StatusCode.INVALID_ARGUMENT, str(error)),
+                status=415,
+                headers={"Accept-Encoding": ", ".join(SUPPORTED_CODINGS)},
+            )
         except (TranscodeError, HeaderError) as error:
             return error_response(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
@@ -317,18 +329,27 @@ class _StreamWriter:
             await self._write(": keepalive\n\n")
 
 
-async def _read_body(request: web.Request) -> bytes:
-    """Read the body; raise TranscodeError when its Content-Encoding cannot be decoded."""
+async def _read_body(request: web.Request, max_bytes: int) -> bytes:
+    """Read the body and undo its Content-Encoding.
+
+    Raises UnsupportedEncodingError for a coding the gateway cannot decode,
+    TranscodeError for a body that cannot be read or decoded, and 413 for a
+    body over max_bytes, before or after decoding.
+    """
+    codings = content_codings(request.headers.getall("Content-Encoding", []))
     try:
-        return await request.read()
+        body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise
     except web.HTTPException as error:
         raise TranscodeError(f"cannot read the body: {error.text or error.reason}") from error
-    except (RequestPayloadError, ValueError, OSError, zlib.error) as error:
-        encoding = request.headers.get("Content-Encoding", "identity")
-        raise TranscodeError(
-            f"cannot decode the body with Content-Encoding {encoding!r}: {error}"
+    except (RequestPayloadError, ValueError, OSError) as error:
+        raise TranscodeError(f"cannot read the body: {error}") from error
+    try:
+        return decode_body(body, codings, max_bytes)
+    except BodyTooLargeError as error:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=max_bytes, actual_size=max_bytes + 1
         ) from error
 
 
@@ -379,6 +400,8 @@ class GatewayServer:
             gateway.application(),
             handler_cancellation=True,
             access_log=aiohttp_log.access_logger if access_log else None,
+            # bodies.py decodes Content-Encoding, so that unsupported codings get 415.
+            auto_decompress=False,
         )
         self.port = 0
 
