@@ -527,7 +527,9 @@ async def test_oversized_body_413(running_valkey: Running, start_gateway_for: An
     assert len(running_valkey.generator.requests) == 1
 
 
-@pytest.mark.parametrize("value", ["soon", "5", "5s", "-5S", "123456789S", "1.5S"])
+@pytest.mark.parametrize(
+    "value", ["soon", "5", "5s", "-5S", "123456789S", "1.5S", "\uff11S", "\u0663m"]
+)
 async def test_invalid_grpc_timeout_400(
     gateway: RunningGateway, running_valkey: Running, value: str
 ) -> None:

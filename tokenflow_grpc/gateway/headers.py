@@ -15,8 +15,9 @@ from tokenflow_grpc.settings import Network
 
 METADATA_HEADER_PREFIX = "grpc-metadata-"
 TRAILER_HEADER_PREFIX = "Grpc-Trailer-"
-# Grpc-Timeout as in the gRPC over HTTP/2 protocol: up to 8 digits and a unit.
-TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
+# Grpc-Timeout as in the gRPC over HTTP/2 protocol: up to 8 ASCII digits and a
+# unit. [0-9], because \d also matches other scripts' digits, which int() reads.
+TIMEOUT = re.compile(r"^([0-9]{1,8})([HMSmun])$")
 TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 # Rate-limit metadata and the HTTP header each becomes.
