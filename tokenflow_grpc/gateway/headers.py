@@ -101,14 +101,16 @@ def forwarded_for(
 
     The client's own X-Forwarded-For is kept only when the client is a
     trusted proxy of the gateway; otherwise only its address is sent, so a
-    client cannot choose the identity the server rate limits.
+    client cannot choose the identity the server rate limits. A peer that is
+    not an IP address (None, or a Unix socket's "") gets None: the server
+    then limits the request as the gateway itself.
     """
     if not peer:
-        return ", ".join(incoming) or None
+        return None
     try:
         address = ipaddress.ip_address(peer)
     except ValueError:
-        return ", ".join(incoming) or None
+        return None
     is_trusted = any(address.version == n.version and address in n for n in trusted)
     if is_trusted and incoming:
         return ", ".join([*incoming, peer])
@@ -136,8 +138,8 @@ def _checked(name: str, key: str, value: str) -> tuple[str, str]:
 def _binary(name: str, key: str, value: str) -> tuple[str, bytes]:
     """Return (key, decoded bytes) for a -bin header, or raise HeaderError when
     the key is invalid or the value is not base64. grpc-go decodes -bin
-    headers from the standard alphabet, padded or not; the URL-safe one is
-    accepted too because HTTP clients often produce it."""
+    headers in the standard alphabet, padded or not; the gateway also accepts
+    the URL-safe alphabet."""
     _checked_key(name, key)
     text = value.strip()
     unpadded = text.rstrip("=")
