@@ -35,6 +35,7 @@ from tokenflow_grpc.gateway.headers import (
     response_headers,
 )
 from tokenflow_grpc.gateway.openapi import build_openapi
+from tokenflow_grpc.gateway.protocol_log import ProtocolLogger
 from tokenflow_grpc.gateway.request_ids import (
     add_request_id_header,
     request_ids,
@@ -402,6 +403,7 @@ class GatewayServer:
             access_log=aiohttp_log.access_logger if access_log else None,
             # bodies.py decodes Content-Encoding, so that unsupported codings get 415.
             auto_decompress=False,
+            logger=ProtocolLogger(),
         )
         self.port = 0
 
