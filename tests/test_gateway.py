@@ -11,6 +11,7 @@ import json
 import random
 import re
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -103,6 +104,16 @@ STANDARD_HTTP_STATUS = {
     grpc.StatusCode.UNAUTHENTICATED: 401,
 }
 TOKENFLOW = str(Path(sys.executable).parent / "tokenflow")
+# Modules of the server side, which the gateway process must not load: it is
+# a plain gRPC client of the server.
+SERVER_MODULES = {
+    "tokenflow_grpc.core",
+    "tokenflow_grpc.limiter",
+    "tokenflow_grpc.cache",
+    "tokenflow_grpc.server",
+    "tokenflow_grpc.valkey",
+    "redis",
+}
 STARTUP_SECONDS = 30.0
 GATEWAY_LINE = re.compile(r"serving HTTP on http://127\.0\.0\.1:(\d+) ")
 CODE_PROTO = Path(code_pb2.__file__).with_name("code.proto")
@@ -435,6 +446,44 @@ async def test_unimplemented_501(health_only_server: str, start_gateway_for: Any
 
     assert reply.status == 501
     assert reply.body["code"] == grpc.StatusCode.UNIMPLEMENTED.value[0]
+
+
+class FailingGenerate(pb_grpc.TokenFlowServiceServicer):
+    """A TokenFlowService whose Generate fails with the status code its prompt names."""
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GenerateResponse:
+        code = grpc.StatusCode[request.prompt]
+        await context.abort(code, f"the test server failed with {code.name}")
+
+
+@pytest.fixture
+async def failing_server() -> AsyncIterator[str]:
+    """Start a server with FailingGenerate and yield its address."""
+    server = grpc.aio.server()
+    pb_grpc.add_TokenFlowServiceServicer_to_server(FailingGenerate(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield f"127.0.0.1:{port}"
+    await server.stop(grace=None)
+
+
+@pytest.mark.parametrize(
+    "code", [code for code in grpc.StatusCode if code != grpc.StatusCode.OK], ids=str
+)
+async def test_server_error_status(
+    failing_server: str, start_gateway_for: Any, code: grpc.StatusCode
+) -> None:
+    gateway = await start_gateway_for(failing_server)
+
+    reply = await fetch(
+        gateway.session, "POST", gateway.url + "/v1/generate", json={"prompt": code.name}
+    )
+
+    assert reply.status == STANDARD_HTTP_STATUS[code]
+    assert reply.body["code"] == code.value[0]
+    assert reply.body["message"] == f"the test server failed with {code.name}"
 
 
 async def test_malformed_json_400(gateway: RunningGateway) -> None:
@@ -968,6 +1017,22 @@ async def test_spoofed_forwarded_for_limited(gateway: RunningGateway) -> None:
     assert len(addresses) == 20
     assert statuses.count(200) == RATE_LIMIT
     assert statuses.count(429) == 20 - RATE_LIMIT
+
+
+def test_gateway_loads_no_server_module() -> None:
+    code = (
+        "import sys, tokenflow_grpc.gateway.app, tokenflow_grpc.gateway.process\n"
+        "print('\\n'.join(sorted(sys.modules)))"
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    loaded = set(result.stdout.split())
+
+    assert "tokenflow_grpc.gateway.app" in loaded
+    assert "tokenflow_grpc.gateway.process" in loaded
+    assert loaded & SERVER_MODULES == set()
 
 
 # OpenAPI and health
