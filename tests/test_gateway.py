@@ -1050,6 +1050,17 @@ async def test_openapi_document(gateway: RunningGateway) -> None:
         assert jsonschema_rs.meta.is_valid(schema), name
 
 
+async def test_openapi_stream_descriptions(gateway: RunningGateway) -> None:
+    reply = await fetch(gateway.session, "GET", gateway.url + "/openapi.json")
+    watch = reply.body["paths"]["/v1/activity:watch"]["get"]["description"]
+    generate = reply.body["paths"]["/v1/generate:stream"]["post"]["description"]
+
+    assert "Last-Event-ID" in watch
+    assert "since_id" in watch
+    assert "Last-Event-ID" not in generate
+    assert "cannot be resumed" in generate
+
+
 async def test_openapi_refs_resolve(gateway: RunningGateway) -> None:
     reply = await fetch(gateway.session, "GET", gateway.url + "/openapi.json")
     text = json.dumps(reply.body)

@@ -48,7 +48,7 @@ from tokenflow_grpc.gateway.responses import (
     method_not_allowed,
     read_only,
 )
-from tokenflow_grpc.gateway.routes import InvalidPathError, Route, routes_for
+from tokenflow_grpc.gateway.routes import RESUME_FIELD, InvalidPathError, Route, routes_for
 from tokenflow_grpc.gateway.transcode import (
     TranscodeError,
     build_request,
@@ -64,9 +64,7 @@ logger = logging.getLogger(__name__)
 
 NDJSON = "application/x-ndjson"
 EVENT_STREAM = "text/event-stream"
-# A streaming request with this string field resumes from an SSE Last-Event-ID,
-# and a response with this field path gives each SSE event its id.
-RESUME_FIELD = "since_id"
+# A response with this field path gives each SSE event its id.
 EVENT_ID_PATH = ("event", "id")
 SSE_KEEPALIVE_SECONDS = 15.0
 # Stream ids are two 20-digit numbers and a dash.

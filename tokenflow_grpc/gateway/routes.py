@@ -26,6 +26,8 @@ from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor, message_factory
 
 HTTP_METHODS = ("get", "put", "post", "delete", "patch")
+# A streaming request with this string field resumes from an SSE Last-Event-ID.
+RESUME_FIELD = "since_id"
 
 
 class TemplateError(ValueError):
