@@ -494,6 +494,26 @@ async def test_malformed_json_400(gateway: RunningGateway) -> None:
     assert "malformed JSON" in reply.body["message"]
 
 
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        (b'{"prompt": "a", "prompt": "b"}', "prompt"),
+        (b'{"prompt": "a", "maxTokens": 5, "maxTokens": 6}', "maxTokens"),
+        (b'{"prompt": "a", "max_tokens": 5, "maxTokens": 6}', "max_tokens"),
+    ],
+    ids=["same-key", "same-key-later", "both-spellings"],
+)
+async def test_duplicate_json_key_400(
+    gateway: RunningGateway, running_valkey: Running, body: bytes, key: str
+) -> None:
+    reply = await fetch(gateway.session, "POST", gateway.url + "/v1/generate", data=body)
+
+    assert reply.status == 400
+    assert reply.body["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert key in reply.body["message"]
+    assert running_valkey.generator.requests == []
+
+
 async def test_json_array_body_400(gateway: RunningGateway) -> None:
     reply = await fetch(gateway.session, "POST", gateway.url + "/v1/generate", data=b"[1]")
 
@@ -1362,6 +1382,13 @@ def test_build_request_body_field() -> None:
 
     assert message.event.id == "5-1"
     assert message.event.client == "c"
+
+
+def test_build_request_nested_duplicate_key() -> None:
+    route = make_route("POST", "/v1/events", "*", pb.WatchActivityResponse)
+
+    with pytest.raises(TranscodeError, match="duplicate key 'client'"):
+        build_request(route, {}, {}, b'{"event": {"client": "a", "client": "b"}}')
 
 
 def test_build_request_body_field_rejects_its_query() -> None:
