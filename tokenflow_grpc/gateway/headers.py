@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -13,8 +15,9 @@ from tokenflow_grpc.settings import Network
 
 METADATA_HEADER_PREFIX = "grpc-metadata-"
 TRAILER_HEADER_PREFIX = "Grpc-Trailer-"
-# Grpc-Timeout as in the gRPC over HTTP/2 protocol: up to 8 digits and a unit.
-TIMEOUT = re.compile(r"^(\d{1,8})([HMSmun])$")
+# Grpc-Timeout as in the gRPC over HTTP/2 protocol: up to 8 ASCII digits and a
+# unit. [0-9], because \d also matches other scripts' digits, which int() reads.
+TIMEOUT = re.compile(r"^([0-9]{1,8})([HMSmun])$")
 TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 
 # Rate-limit metadata and the HTTP header each becomes.
@@ -51,13 +54,29 @@ MAX_FORWARDED_METADATA_BYTES = 4096
 # overflows gRPC's clock.
 MAX_TIMEOUT_SECONDS = 30 * 86400.0
 RATE_LIMIT_POLICY_NAME = "default"
-# HTTP headers passed on as metadata under their own name.
-FORWARDED_HEADERS = ("authorization", "x-api-key", "x-request-id")
+# HTTP headers passed on as metadata under their own name. X-Request-Id is
+# not among them, because request_ids.py checks it and sends the one id that
+# the response returns.
+FORWARDED_HEADERS = ("authorization", "x-api-key")
+# Metadata that the gateway sets from an HTTP header of its own, and that
+# header. A Grpc-Metadata- header for one of these keys is rejected with 400,
+# because the server would otherwise receive a second, unchecked value.
+SHADOWED_KEYS = {
+    "authorization": "Authorization",
+    "x-api-key": "X-API-Key",
+    "x-request-id": "X-Request-Id",
+}
 # The challenge of a 401 response (RFC 6750, section 3).
 AUTHENTICATE_CHALLENGE = 'Bearer realm="tokenflow"'
 # Characters allowed in ASCII metadata keys and values (gRPC over HTTP/2 protocol).
 METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
 METADATA_VALUE = re.compile(r"[\x20-\x7e]*")
+# Keys with this suffix carry bytes, sent over HTTP as base64.
+BINARY_SUFFIX = "-bin"
+# Base64 in the standard or the URL-safe alphabet, with or without padding.
+BASE64_VALUE = re.compile(r"[A-Za-z0-9+/_-]*={0,2}")
+
+Metadata = list[tuple[str, str | bytes]]
 
 
 class HeaderError(ValueError):
@@ -82,26 +101,33 @@ def forwarded_for(
 
     The client's own X-Forwarded-For is kept only when the client is a
     trusted proxy of the gateway; otherwise only its address is sent, so a
-    client cannot choose the identity the server rate limits.
+    client cannot choose the identity the server rate limits. A peer that is
+    not an IP address (None, or a Unix socket's "") gets None: the server
+    then limits the request as the gateway itself.
     """
     if not peer:
-        return ", ".join(incoming) or None
+        return None
     try:
         address = ipaddress.ip_address(peer)
     except ValueError:
-        return ", ".join(incoming) or None
+        return None
     is_trusted = any(address.version == n.version and address in n for n in trusted)
     if is_trusted and incoming:
         return ", ".join([*incoming, peer])
     return peer
 
 
-def _checked(name: str, key: str, value: str) -> tuple[str, str]:
-    """Return (key, value) as metadata, or raise HeaderError when gRPC would reject it."""
+def _checked_key(name: str, key: str) -> str:
     if not METADATA_KEY.fullmatch(key):
         raise HeaderError(
             f"invalid header {name!r}: a metadata key may contain only 0-9, a-z, '_', '-' and '.'"
         )
+    return key
+
+
+def _checked(name: str, key: str, value: str) -> tuple[str, str]:
+    """Return (key, value) as metadata, or raise HeaderError when gRPC would reject it."""
+    _checked_key(name, key)
     if not METADATA_VALUE.fullmatch(value):
         raise HeaderError(
             f"invalid value of header {name!r}: metadata values must be printable ASCII"
@@ -109,14 +135,40 @@ def _checked(name: str, key: str, value: str) -> tuple[str, str]:
     return key, value
 
 
+def _binary(name: str, key: str, value: str) -> tuple[str, bytes]:
+    """Return (key, decoded bytes) for a -bin header, or raise HeaderError when
+    the key is invalid or the value is not base64. grpc-go decodes -bin
+    headers in the standard alphabet, padded or not; the gateway also accepts
+    the URL-safe alphabet."""
+    _checked_key(name, key)
+    text = value.strip()
+    unpadded = text.rstrip("=")
+    if (
+        not BASE64_VALUE.fullmatch(text)
+        or len(unpadded) % 4 == 1
+        or (text != unpadded and len(text) % 4 != 0)
+    ):
+        raise HeaderError(
+            f"invalid value of header {name!r}: expected base64 in the standard or URL-safe "
+            "alphabet, with or without padding"
+        )
+    standard = unpadded.replace("-", "+").replace("_", "/")
+    try:
+        return key, base64.b64decode(standard + "=" * (-len(standard) % 4), validate=True)
+    except binascii.Error as error:
+        raise HeaderError(f"invalid value of header {name!r}: {error}") from error
+
+
 def request_metadata(
     headers: Mapping[str, str] | Any, peer: str | None, trusted: Sequence[Network]
-) -> list[tuple[str, str]]:
-    """Return the gRPC metadata for an HTTP request's headers.
+) -> Metadata:
+    """Return the gRPC metadata for an HTTP request's headers, all but x-request-id.
 
-    Raises HeaderError for a forwarded header that gRPC metadata cannot carry.
+    A Grpc-Metadata-KEY-Bin header's base64 value is sent as bytes. Raises
+    HeaderError for a forwarded header that gRPC metadata cannot carry, and
+    for a Grpc-Metadata- header of a key in SHADOWED_KEYS.
     """
-    metadata: list[tuple[str, str]] = []
+    metadata: Metadata = []
     for name, value in headers.items():
         lowered = name.lower()
         if lowered in FORWARDED_HEADERS:
@@ -125,19 +177,26 @@ def request_metadata(
             METADATA_HEADER_PREFIX
         ):
             key = lowered[len(METADATA_HEADER_PREFIX) :]
+            if key in SHADOWED_KEYS:
+                raise HeaderError(
+                    f"header {name!r} is not allowed: send {SHADOWED_KEYS[key]!r} instead, "
+                    "which the gateway checks and forwards"
+                )
             if (
-                key.endswith("-bin")
-                or key.startswith("grpc-")
+                key.startswith("grpc-")
                 or key in RESERVED_METADATA
                 or key in FORBIDDEN_FORWARDED_KEYS
             ):
                 continue
-            metadata.append(_checked(name, key, value))
+            if key.endswith(BINARY_SUFFIX):
+                metadata.append(_binary(name, key, value))
+            else:
+                metadata.append(_checked(name, key, value))
 
     size = sum(len(key) + len(value) for key, value in metadata)
     if size > MAX_FORWARDED_METADATA_BYTES:
         raise HeaderError(
-            f"the forwarded headers (Authorization, X-API-Key, X-Request-Id, Grpc-Metadata-*) are "
+            f"the forwarded headers (Authorization, X-API-Key, Grpc-Metadata-*) are "
             f"{size} bytes; the maximum is {MAX_FORWARDED_METADATA_BYTES}"
         )
 
@@ -162,13 +221,20 @@ def response_headers(
 
     Rate-limit metadata becomes X-RateLimit-*, Retry-After and the IETF
     RateLimit-Policy / RateLimit fields; other initial metadata becomes
-    Grpc-Metadata-KEY and other trailing metadata Grpc-Trailer-KEY.
+    Grpc-Metadata-KEY and other trailing metadata Grpc-Trailer-KEY, with
+    the bytes of a KEY-bin in standard, padded base64.
     """
     headers: dict[str, str] = {}
     rate: dict[str, str] = {}
     for pairs, prefix in ((initial, "Grpc-Metadata-"), (trailing, TRAILER_HEADER_PREFIX)):
         for key, value in pairs or ():
-            if not isinstance(value, str) or key in RESERVED_METADATA:
+            if key in RESERVED_METADATA:
+                continue
+            if isinstance(value, bytes):
+                if key.endswith(BINARY_SUFFIX):
+                    headers[prefix + key] = base64.b64encode(value).decode("ascii")
+                continue
+            if not isinstance(value, str):
                 continue
             if key == "x-request-id":
                 continue  # The gateway sets X-Request-Id itself, from the same id.

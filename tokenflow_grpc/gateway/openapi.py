@@ -7,7 +7,7 @@ from typing import Any
 
 from google.protobuf import descriptor
 
-from tokenflow_grpc.gateway.routes import Route
+from tokenflow_grpc.gateway.routes import RESUME_FIELD, Route
 
 OPENAPI_VERSION = "3.1.0"
 STATUS_SCHEMA = "google.rpc.Status"
@@ -144,10 +144,7 @@ def _operation(route: Route, operation_id: str, schemas: _Schemas) -> dict[str, 
             "application/x-ndjson": {"schema": line},
             "text/event-stream": {"schema": {"type": "string"}},
         }
-        operation["description"] = (
-            "Server stream: one JSON object per line, or Server-Sent Events when the "
-            "request accepts text/event-stream (resume with Last-Event-ID)."
-        )
+        operation["description"] = _stream_description(route)
     else:
         content = {"application/json": {"schema": output}}
     operation["responses"] = {
@@ -158,6 +155,19 @@ def _operation(route: Route, operation_id: str, schemas: _Schemas) -> dict[str, 
         },
     }
     return operation
+
+
+def _stream_description(route: Route) -> str:
+    text = (
+        "Server stream: one JSON object per line, or Server-Sent Events when the "
+        "request accepts text/event-stream."
+    )
+    if RESUME_FIELD in route.method.input_type.fields_by_name:
+        return (
+            f"{text} A dropped stream resumes after an event id, sent as {RESUME_FIELD} or, "
+            "for Server-Sent Events, as the Last-Event-ID header."
+        )
+    return f"{text} It cannot be resumed; after a dropped stream, send the request again."
 
 
 def build_openapi(routes: list[Route], title: str = "TokenFlow") -> dict[str, Any]:

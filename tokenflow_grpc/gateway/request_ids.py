@@ -11,6 +11,7 @@ import grpc
 from aiohttp import web
 
 from tokenflow_grpc.errors import quoted
+from tokenflow_grpc.gateway.headers import Metadata
 from tokenflow_grpc.gateway.transcode import status_json
 from tokenflow_grpc.request_id import (
     REQUEST_ID_KEY,
@@ -51,10 +52,10 @@ async def request_ids(
     return await handler(request)
 
 
-def with_request_id(request: web.Request, metadata: list[tuple[str, str]]) -> None:
-    """Add the request's id to metadata unless the client's X-Request-Id is already there."""
+def with_request_id(request: web.Request, metadata: Metadata) -> None:
+    """Add the request's id, the one that X-Request-Id returns, to metadata."""
     request_id = request.get(_STATE_KEY)
-    if request_id and not any(key == REQUEST_ID_KEY for key, _ in metadata):
+    if request_id:
         metadata.append((REQUEST_ID_KEY, request_id))
 
 

@@ -7,6 +7,11 @@ A path template follows google/api/http.proto:
     Segment  = "*" | "**" | LITERAL | Variable ;
     Variable = "{" FieldPath [ "=" Segments ] "}" ;
     Verb     = ":" LITERAL ;
+
+Templates match the percent-encoded request path segment by segment, so an
+encoded "/" (%2F) stays inside its segment. As http.proto specifies, a
+one-segment variable's value is fully decoded, and a multi-segment one
+({name=**}, {name=a/*}) keeps "%2F" encoded.
 """
 
 from __future__ import annotations
@@ -15,15 +20,44 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import unquote
 
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor, message_factory
 
 HTTP_METHODS = ("get", "put", "post", "delete", "patch")
+# A streaming request with this string field resumes from an SSE Last-Event-ID.
+RESUME_FIELD = "since_id"
 
 
 class TemplateError(ValueError):
     """A google.api.http path template is malformed."""
+
+
+class InvalidPathError(ValueError):
+    """A request path cannot be decoded."""
+
+
+def _decoded_segment(segment: str) -> str:
+    try:
+        return unquote(segment, errors="strict")
+    except UnicodeDecodeError as error:
+        raise InvalidPathError(
+            f"invalid path segment {segment!r}: its percent-encoded bytes are not UTF-8; "
+            "percent-encode the UTF-8 bytes of the value"
+        ) from error
+
+
+def canonical_path(raw_path: str) -> str:
+    """Decode each segment of a percent-encoded path, then encode only "%" and "/"
+    again, so that literals compare decoded and no decoded "/" splits a segment.
+
+    Raises InvalidPathError when a segment's percent-encoded bytes are not UTF-8.
+    """
+    return "/".join(
+        _decoded_segment(segment).replace("%", "%25").replace("/", "%2F")
+        for segment in raw_path.split("/")
+    )
 
 
 @dataclass(frozen=True)
@@ -33,6 +67,8 @@ class PathTemplate:
     text: str
     regex: re.Pattern[str]
     variables: tuple[str, ...]
+    # For each variable, whether it can span several segments.
+    multi_segment: tuple[bool, ...]
 
     @classmethod
     def parse(cls, text: str) -> PathTemplate:
@@ -40,17 +76,28 @@ class PathTemplate:
             raise TemplateError(f"path template {text!r} must start with '/'")
         path, verb = _split_verb(text)
         variables: list[str] = []
-        pattern = "".join(_segment_pattern(segment, variables, text) for segment in _split(path))
+        multi_segment: list[bool] = []
+        pattern = "".join(
+            _segment_pattern(segment, variables, multi_segment, text) for segment in _split(path)
+        )
         if verb:
-            pattern += re.escape(":" + verb)
-        return cls(text, re.compile(f"^{pattern}$"), tuple(variables))
+            pattern += re.escape(":" + _canonical_literal(verb))
+        return cls(text, re.compile(f"^{pattern}$"), tuple(variables), tuple(multi_segment))
 
-    def match(self, path: str) -> dict[str, str] | None:
-        """Return the variable values of a matching path, or None."""
-        found = self.regex.match(path)
+    def match(self, raw_path: str) -> dict[str, str] | None:
+        """Return the decoded variable values if the percent-encoded raw_path matches, else None.
+
+        Raises InvalidPathError when a segment's percent-encoded bytes are not UTF-8.
+        """
+        found = self.regex.match(canonical_path(raw_path))
         if found is None:
             return None
-        return {self.variables[i]: value for i, value in enumerate(found.groups())}
+        return {
+            name: _variable_value(value, multi)
+            for name, value, multi in zip(
+                self.variables, found.groups(), self.multi_segment, strict=True
+            )
+        }
 
     @property
     def openapi_path(self) -> str:
@@ -84,7 +131,19 @@ def _split(path: str) -> list[str]:
     return segments
 
 
-def _segment_pattern(segment: str, variables: list[str], template: str) -> str:
+def _variable_value(canonical: str, multi_segment: bool) -> str:
+    if not multi_segment:
+        return unquote(canonical)
+    return "/".join(unquote(part).replace("/", "%2F") for part in canonical.split("/"))
+
+
+def _canonical_literal(literal: str) -> str:
+    return literal.replace("%", "%25")
+
+
+def _segment_pattern(
+    segment: str, variables: list[str], multi_segment: list[bool], template: str
+) -> str:
     if segment.startswith("{"):
         if not segment.endswith("}"):
             raise TemplateError(f"unclosed variable {segment!r} in path template {template!r}")
@@ -93,6 +152,7 @@ def _segment_pattern(segment: str, variables: list[str], template: str) -> str:
             raise TemplateError(f"invalid field path {field_path!r} in path template {template!r}")
         variables.append(field_path)
         inner = sub_template or "*"
+        multi_segment.append("/" in inner or "**" in inner)
         inner_pattern = "/".join(_literal_or_wildcard(part, template) for part in inner.split("/"))
         return f"/({inner_pattern})"
     return f"/{_literal_or_wildcard(segment, template)}"
@@ -105,7 +165,7 @@ def _literal_or_wildcard(segment: str, template: str) -> str:
         return ".+"
     if not segment or any(c in segment for c in "{}*"):
         raise TemplateError(f"invalid segment {segment!r} in path template {template!r}")
-    return re.escape(segment)
+    return re.escape(_canonical_literal(segment))
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Transcoding between HTTP/JSON and protobuf messages, with protobuf's own
 JSON mapping, and gRPC errors as google.rpc.Status JSON.
 
-Unknown JSON fields and unknown query parameters are rejected with 400 and
-named in the message, so a misspelt field never goes unnoticed.
+Unknown JSON fields, unknown query parameters and keys that appear twice in
+one JSON object are rejected with 400 and named in the message, so a
+misspelt or repeated field never goes unnoticed.
 """
 
 from __future__ import annotations
@@ -187,6 +188,23 @@ def build_request(
     return message
 
 
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """Build a JSON object, raising TranscodeError for a key that appears twice.
+
+    Python's json keeps the last value silently. Go's encoding/protojson
+    rejects a field that appears twice, and the gateway rejects any key that
+    appears twice in one object.
+    """
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise TranscodeError(
+                f"invalid JSON body: duplicate key {key!r} in one object; send it once"
+            )
+        result[key] = value
+    return result
+
+
 def _parse_body(route: Route, message: Message, body: bytes) -> None:
     try:
         text = body.decode("utf-8")
@@ -195,7 +213,7 @@ def _parse_body(route: Route, message: Message, body: bytes) -> None:
     if not text.strip():
         return
     try:
-        document = json.loads(text)
+        document = json.loads(text, object_pairs_hook=_object_without_duplicates)
     except json.JSONDecodeError as error:
         raise TranscodeError(f"malformed JSON body: {error}") from error
     except RecursionError as error:

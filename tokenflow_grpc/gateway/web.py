@@ -13,11 +13,11 @@ from pathlib import Path
 import grpc
 from aiohttp import web
 
+from tokenflow_grpc.gateway.responses import read_only
 from tokenflow_grpc.gateway.transcode import status_json
 
 STATIC_DIR = Path(__file__).parent / "static"
 STATIC_PREFIX = "/static/"
-READ_METHODS = ("GET", "HEAD")
 
 # The page loads scripts, styles and data from this origin only; Chart.js
 # sizes its canvases through the style property, which CSP allows.
@@ -47,11 +47,11 @@ class WebDashboard:
         }
 
     def add_routes(self, app: web.Application) -> None:
-        app.router.add_route("*", "/", self.page)
-        app.router.add_route("*", STATIC_PREFIX + "{name:.*}", self.static_file)
+        app.router.add_route("*", "/", read_only(self.page))
+        app.router.add_route("*", STATIC_PREFIX + "{name:.*}", read_only(self.static_file))
 
     async def page(self, request: web.Request) -> web.StreamResponse:
-        return self._serve(request, self.index)
+        return self._serve(self.index)
 
     async def static_file(self, request: web.Request) -> web.StreamResponse:
         path = self.files.get(request.match_info["name"])
@@ -60,17 +60,7 @@ class WebDashboard:
                 status_json(grpc.StatusCode.NOT_FOUND, f"no static file {request.path}"),
                 status=404,
             )
-        return self._serve(request, path)
+        return self._serve(path)
 
-    def _serve(self, request: web.Request, path: Path) -> web.StreamResponse:
-        if request.method not in READ_METHODS:
-            return web.json_response(
-                status_json(
-                    grpc.StatusCode.UNIMPLEMENTED,
-                    f"method {request.method} is not allowed on {request.path}; "
-                    f"allowed: {', '.join(READ_METHODS)}",
-                ),
-                status=405,
-                headers={"Allow": ", ".join(READ_METHODS)},
-            )
+    def _serve(self, path: Path) -> web.StreamResponse:
         return web.FileResponse(path, headers=SECURITY_HEADERS)
