@@ -24,8 +24,9 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
-from tests.conftest import Running
+from tests.conftest import Running, make_settings
 from tests.helpers import ActivityWatch
+from tokenflow_grpc.server import TokenFlowServer
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
 
@@ -109,6 +110,43 @@ async def test_health_serving(running_valkey: Running, service: str) -> None:
     reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5.0)
 
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def read_to_end(call: Any) -> list[int]:
+    """Read a Health.Watch stream until it ends and return the statuses it sent."""
+    statuses = []
+    while (reply := await call.read()) is not grpc.aio.EOF:
+        statuses.append(reply.status)
+    return statuses
+
+
+async def test_health_watches_end_at_shutdown(valkey_url: str) -> None:
+    server = TokenFlowServer(make_settings(valkey_url))
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{server.port}")
+    stub = health_pb2_grpc.HealthStub(channel)
+    services = ["", "valkey", "no.such.Service"]
+    watches = [stub.Watch(health_pb2.HealthCheckRequest(service=name)) for name in services]
+    try:
+        first = [await watch.read() for watch in watches]
+        started = time.monotonic()
+        await server.stop(grace=10.0)
+        stop_seconds = time.monotonic() - started
+        rest = [await read_to_end(watch) for watch in watches]
+        codes = [await watch.code() for watch in watches]
+    finally:
+        await channel.close()
+
+    status = health_pb2.HealthCheckResponse
+    assert [reply.status for reply in first] == [
+        status.SERVING,
+        status.SERVING,
+        status.SERVICE_UNKNOWN,
+    ]
+    assert rest == [[status.NOT_SERVING], [status.NOT_SERVING], []]
+    assert codes == [grpc.StatusCode.OK] * 3
+    # Without an end, each open watch would hold the drain for the whole grace period.
+    assert stop_seconds < 5.0
 
 
 def free_port() -> int:

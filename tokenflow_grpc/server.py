@@ -19,6 +19,7 @@ from tokenflow_grpc.auth import current_key, interceptors_for, redact_prompts
 from tokenflow_grpc.core import Clock, GenerateOptions, GenerateResult, TokenFlow
 from tokenflow_grpc.errors import TokenFlowError
 from tokenflow_grpc.generator import GenerationRequest, Generator, SimulatedGenerator, Usage
+from tokenflow_grpc.health_service import HealthService
 from tokenflow_grpc.identity import client_identity
 from tokenflow_grpc.input_limits import SimulateLimit, WatcherLimit, grpc_size_options
 from tokenflow_grpc.limiter import Decision, TokenState
@@ -470,7 +471,7 @@ class TokenFlowServer:
             options=[("grpc.so_reuseport", int(reuse_port)), *grpc_size_options(settings)],
         )
         self.metrics = MetricsServer(settings.metrics_address) if settings.metrics_address else None
-        self.health = health.aio.HealthServicer()
+        self.health = HealthService()
         self.monitor = HealthMonitor(core, self.health, settings, on_valkey_down)
         self.port = 0
 
