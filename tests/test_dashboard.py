@@ -156,7 +156,8 @@ async def test_dashboard_disconnects_and_recovers(start_server: Any, valkey_url:
             lambda: "before the outage" in "\n".join(shown_inside(app, "activity")), POLL_SECONDS
         ), shown_inside(app, "activity")
 
-        await first.server.stop(grace=0)
+        # A stop that hangs fails here, not later in a torn-down app.
+        await asyncio.wait_for(first.server.stop(grace=0), 15.0)
         assert await wait_until(
             lambda: shown_tiles(app)["connection"] == "disconnected", POLL_SECONDS
         ), shown_tiles(app)

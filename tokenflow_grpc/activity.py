@@ -20,6 +20,7 @@ from tokenflow_grpc.errors import (
     quoted,
 )
 from tokenflow_grpc.metrics import EVENTS_DROPPED, OPERATION_STREAM_READ, valkey_timer
+from tokenflow_grpc.tasks import stop_task
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,13 @@ class Subscription:
 class _Reader:
     task: asyncio.Task[None]
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # Checked on every pass of the loop, so that a reader whose cancellation
+    # was lost still ends within one blocking read.
+    stopped: bool = False
+
+    def stop(self) -> None:
+        self.stopped = True
+        self.task.cancel()
 
 
 class ActivityHub:
@@ -151,6 +159,8 @@ class ActivityHub:
         self._queue_size = queue_size
         self._block_ms = block_ms
         self._poll_seconds = poll_seconds
+        # A stopped reader ends within one blocking read, or one retry wait.
+        self._stop_seconds = (block_ms or 0) / 1000 + _RETRY_MAX_SECONDS + 1.0
         self._subscribers: set[Subscription] = set()
         self._reader: _Reader | None = None
 
@@ -193,7 +203,7 @@ class ActivityHub:
         """Remove a watcher; the reader stops with the last one."""
         self._subscribers.discard(subscription)
         if not self._subscribers and self._reader is not None:
-            self._reader.task.cancel()
+            self._reader.stop()
             self._reader = None
 
     async def replay(self, since_id: str) -> list[ActivityEvent]:
@@ -255,13 +265,11 @@ class ActivityHub:
         for subscription in self._subscribers:
             subscription.end()
         self._subscribers.clear()
-        if self._reader is not None:
-            self._reader.task.cancel()
-            try:
-                await self._reader.task
-            except asyncio.CancelledError:
-                pass
-            self._reader = None
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.stop()
+            if not await stop_task(reader.task, self._stop_seconds):
+                logger.warning("activity reader did not stop within %g s", self._stop_seconds)
 
     def _ensure_reader(self) -> _Reader:
         if self._reader is None or self._reader.task.done():
@@ -270,11 +278,18 @@ class ActivityHub:
             self._reader = _Reader(task, ready)
         return self._reader
 
+    def _stopped(self) -> bool:
+        """Return True when the running reader task's reader was stopped."""
+        current = asyncio.current_task()
+        return self._reader is None or self._reader.task is not current or self._reader.stopped
+
     async def _read_loop(self, ready: asyncio.Event) -> None:
         last_id = await self._start_position()
+        if last_id is None:
+            return
         ready.set()
         delay = _RETRY_MIN_SECONDS
-        while True:
+        while not self._stopped():
             try:
                 with valkey_timer(OPERATION_STREAM_READ):
                     reply = await self._read_after(last_id)
@@ -303,10 +318,11 @@ class ActivityHub:
             {self._stream_key: last_id}, count=_READ_COUNT, block=self._block_ms
         )
 
-    async def _start_position(self) -> str:
-        """Return the id of the newest entry, so reading starts with the next one."""
+    async def _start_position(self) -> str | None:
+        """Return the id of the newest entry, so reading starts with the next one;
+        None when the reader was stopped first."""
         delay = _RETRY_MIN_SECONDS
-        while True:
+        while not self._stopped():
             try:
                 newest = await self.redis.xrevrange(self._stream_key, count=1)
                 return newest[0][0] if newest else "0-0"
@@ -316,3 +332,4 @@ class ActivityHub:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_SECONDS)
+        return None

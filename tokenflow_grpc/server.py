@@ -30,6 +30,7 @@ from tokenflow_grpc.settings import Settings
 from tokenflow_grpc.simulate import OUTCOME_BLOCKED, OUTCOME_SUCCESS, run_simulation
 from tokenflow_grpc.stats import StatsSnapshot
 from tokenflow_grpc.status import to_status
+from tokenflow_grpc.tasks import stop_task
 from tokenflow_grpc.tls import server_credentials
 from tokenflow_grpc.upstream import UpstreamGenerator
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
@@ -42,6 +43,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TokenFlowService"].full_name
 # Health entry that reports Valkey itself, whatever the failure policy.
 VALKEY_HEALTH_NAME = "valkey"
 HEALTH_CHECK_SECONDS = 1.0
+# The health loop ends at its next pass once stopped; one pass can take a
+# Valkey timeout, so this bounds the wait for a loop whose cancel was lost.
+HEALTH_STOP_SECONDS = 10.0
 # Initial metadata sent once a WatchActivity stream is subscribed: events
 # recorded after the client receives it are delivered.
 WATCH_READY_METADATA = (("tokenflow-watch", "subscribed"),)
@@ -412,9 +416,8 @@ class HealthMonitor:
         """Stop the checks, repeating the cancel in case a library call swallowed it."""
         self._stopped = True
         task, self._task = self._task, None
-        while task is not None and not task.done():
-            task.cancel()
-            await asyncio.wait({task}, timeout=0.1)
+        if not await stop_task(task, HEALTH_STOP_SECONDS):
+            logger.warning("health checks did not stop within %g s", HEALTH_STOP_SECONDS)
 
     async def _run(self) -> None:
         while not self._stopped:
