@@ -18,6 +18,9 @@ const PROTO_FILE = "tokenflow/v1/tokenflow.proto";
 const INCLUDE_DIRS = [path.join(REPOSITORY, "proto"), path.join(REPOSITORY, "build/proto-deps")];
 
 const DEFAULT_TARGET = "127.0.0.1:50051";
+const API_KEY_ENV = "TOKENFLOW_API_KEY";
+// gRPC metadata values that are not binary (-bin) must be printable ASCII.
+const METADATA_TEXT = /^[ -~]*$/;
 const DEFAULT_TIMEOUT_SECONDS = 10;
 const RATE_LIMIT_METADATA = [
   "x-ratelimit-limit",
@@ -44,7 +47,15 @@ Commands:
 
 Every command takes --target HOST:PORT (default ${DEFAULT_TARGET}). generate and
 stats take --timeout SECONDS, the call's deadline (default ${DEFAULT_TIMEOUT_SECONDS}).
-A failed call prints "error: CODE: message" on stderr and exits with status 1.`;
+
+Every command also takes:
+  --api-key KEY        API key sent as \`authorization: Bearer KEY\`. Environment:
+                       ${API_KEY_ENV}, which other users cannot read in the
+                       process list, unlike this option.
+
+A failed call prints "error: CODE: message" on stderr and exits with status 1.
+A wrong option or option value, such as an API key that is not printable
+ASCII, exits with status 2.`;
 
 const OPTIONS = {
   target: { type: "string", default: DEFAULT_TARGET },
@@ -57,6 +68,7 @@ const OPTIONS = {
   "since-id": { type: "string", default: "" },
   type: { type: "string", multiple: true, default: [] },
   count: { type: "string", default: "0" },
+  "api-key": { type: "string" },
   help: { type: "boolean", short: "h", default: false },
 };
 
@@ -64,6 +76,9 @@ const OPTIONS = {
 class UsageError extends Error {}
 // A missing file that the client needs before it can call the server: exit status 1.
 class SetupError extends Error {}
+// An option value that cannot be used, such as an API key that gRPC metadata
+// cannot carry: exit status 2, as in the Python `tokenflow` command.
+class ConfigurationError extends Error {}
 
 // Protobuf's JSON mapping prints Timestamp and Duration as strings
 // ("2026-01-01T12:00:00.250Z", "60s"), as the Python client and buf curl do,
@@ -117,6 +132,23 @@ function loadService() {
   return { TokenFlowService, activityTypes };
 }
 
+// Return the metadata that every call sends: the API key from --api-key or,
+// when that is unset or empty, from TOKENFLOW_API_KEY.
+function callMetadata(options) {
+  const metadata = new grpc.Metadata();
+  const apiKey = options["api-key"] || process.env[API_KEY_ENV] || undefined;
+  if (apiKey === undefined) return metadata;
+  // grpc-js would reject such a key with an error that contains it.
+  if (!METADATA_TEXT.test(apiKey)) {
+    throw new ConfigurationError(
+      `the API key from ${options["api-key"] ? "--api-key" : API_KEY_ENV} contains characters ` +
+        "other than printable ASCII, which gRPC metadata cannot carry; check the key",
+    );
+  }
+  metadata.set("authorization", `Bearer ${apiKey}`);
+  return metadata;
+}
+
 function parseNumber(name, text, { integer = false, min = -Infinity } = {}) {
   const value = Number(text);
   if (text.trim() === "" || !Number.isFinite(value) || (integer && !Number.isInteger(value))) {
@@ -154,7 +186,7 @@ function printError(error) {
   console.error(`error: ${grpc.status[error.code] ?? error.code}: ${error.details}`);
 }
 
-function generate(client, positionals, options) {
+function generate(client, metadata, positionals, options) {
   if (positionals.length !== 1) {
     throw new UsageError("generate takes exactly one PROMPT argument");
   }
@@ -169,7 +201,7 @@ function generate(client, positionals, options) {
 
   return new Promise((resolve) => {
     let headers;
-    const call = client.Generate(request, deadline(options), (error, response) => {
+    const call = client.Generate(request, metadata, deadline(options), (error, response) => {
       if (error) {
         // A rejected call carries the rate-limit metadata, retry-after
         // included, in its trailers.
@@ -188,14 +220,14 @@ function generate(client, positionals, options) {
   });
 }
 
-function stats(client, positionals, options) {
+function stats(client, metadata, positionals, options) {
   expectNoArguments("stats", positionals);
   const activityLimit = parseNumber("activity-limit", options["activity-limit"], {
     integer: true,
     min: 0,
   });
   return new Promise((resolve) => {
-    client.GetStats({ activityLimit }, deadline(options), (error, response) => {
+    client.GetStats({ activityLimit }, metadata, deadline(options), (error, response) => {
       if (error) {
         printError(error);
         resolve(1);
@@ -207,7 +239,7 @@ function stats(client, positionals, options) {
   });
 }
 
-async function watch(client, positionals, options, activityTypes) {
+async function watch(client, metadata, positionals, options, activityTypes) {
   expectNoArguments("watch", positionals);
   const count = parseNumber("count", options.count, { integer: true, min: 0 });
   for (const type of options.type) {
@@ -216,9 +248,12 @@ async function watch(client, positionals, options, activityTypes) {
     }
   }
 
-  const call = client.WatchActivity({ sinceId: options["since-id"], types: options.type });
-  call.on("metadata", (metadata) => {
-    if (metadata.get(WATCH_SUBSCRIBED[0]).includes(WATCH_SUBSCRIBED[1])) {
+  const call = client.WatchActivity(
+    { sinceId: options["since-id"], types: options.type },
+    metadata,
+  );
+  call.on("metadata", (headers) => {
+    if (headers.get(WATCH_SUBSCRIBED[0]).includes(WATCH_SUBSCRIBED[1])) {
       console.error(`subscribed to activity on ${options.target}`);
     }
   });
@@ -256,10 +291,11 @@ async function main(argv) {
     throw new UsageError(command ? `unknown command "${command}"` : "missing COMMAND");
   }
 
+  const metadata = callMetadata(options);
   const { TokenFlowService, activityTypes } = loadService();
   const client = new TokenFlowService(options.target, grpc.credentials.createInsecure());
   try {
-    return await COMMANDS[command](client, rest, options, activityTypes);
+    return await COMMANDS[command](client, metadata, rest, options, activityTypes);
   } finally {
     client.close();
   }
@@ -271,6 +307,9 @@ try {
   if (error instanceof SetupError) {
     console.error(`tokenflow.mjs: ${error.message}`);
     process.exitCode = 1;
+  } else if (error instanceof ConfigurationError) {
+    console.error(`tokenflow.mjs: ${error.message}`);
+    process.exitCode = 2;
   } else if (error instanceof UsageError || error.code?.startsWith("ERR_PARSE_ARGS")) {
     console.error(`tokenflow.mjs: ${error.message}\nRun "node tokenflow.mjs --help" for usage.`);
     process.exitCode = 2;
