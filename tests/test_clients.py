@@ -21,6 +21,7 @@ from typing import Any, cast
 import pytest
 from google.protobuf import json_format
 
+from tests.certs import CertificateFiles, make_certificates
 from tests.conftest import Running
 from tests.helpers import wait_until
 from tests.test_proto import BUF
@@ -227,7 +228,7 @@ async def test_node_generate_rate_limited(start_server: Any, valkey_url: str) ->
     assert metadata["x-ratelimit-remaining"] == "0"
 
 
-# The Node.js client with API keys
+# The Node.js client with API keys and TLS
 
 
 @pytest.fixture(scope="module")
@@ -240,6 +241,22 @@ async def secured(start_server: Any, valkey_url: str, secret: str) -> Running:
     """A server that accepts one API key, the secret fixture, with the id "node"."""
     running: Running = await start_server(
         valkey_url, api_keys=entry_toml(ApiKey("node", hash_secret(secret)))
+    )
+    return running
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> CertificateFiles:
+    return make_certificates(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+async def tls_server(start_server: Any, valkey_url: str, certificates: CertificateFiles) -> Running:
+    """A server whose gRPC port accepts only TLS, with a certificate for localhost."""
+    running: Running = await start_server(
+        valkey_url,
+        tls_cert=str(certificates.server_cert),
+        tls_key=str(certificates.server_key),
     )
     return running
 
@@ -328,6 +345,102 @@ async def test_node_watch_sends_api_key(secured: Running, secret: str) -> None:
     assert response["event"]["client"] == "key:node"
 
 
+async def test_node_tls_with_ca_cert(tls_server: Running, certificates: CertificateFiles) -> None:
+    target = f"localhost:{tls_server.server.port}"
+
+    generated = await run_node(
+        "generate", "over TLS", "--target", target, "--ca-cert", str(certificates.ca_cert)
+    )
+    figures = await run_node(
+        "stats", "--target", tls_server.address, "--ca-cert", str(certificates.ca_cert)
+    )
+
+    assert generated.returncode == 0, generated.stderr
+    assert json.loads(generated.stdout)["cached"] is False
+    assert figures.returncode == 0, figures.stderr
+    assert json.loads(figures.stdout)["connected"] is True
+
+
+async def test_node_tls_server_name(tls_server: Running, certificates: CertificateFiles) -> None:
+    ca = ("--ca-cert", str(certificates.ca_cert))
+    target = ("--target", tls_server.address)
+
+    matching = await run_node("stats", *target, *ca, "--server-name", "localhost")
+    mismatched = await run_node("stats", *target, *ca, "--server-name", "other.test")
+
+    assert matching.returncode == 0, matching.stderr
+    assert mismatched.returncode == 1, mismatched.stderr
+    assert mismatched.stderr.startswith("error: UNAVAILABLE: "), mismatched.stderr
+    assert "other.test" in mismatched.stderr
+
+
+async def test_node_tls_without_ca_fails(
+    tls_server: Running, certificates: CertificateFiles, tmp_path: pathlib.Path
+) -> None:
+    other = make_certificates(tmp_path, ca_name="Another CA")
+    target = ("--target", f"localhost:{tls_server.server.port}")
+
+    plaintext = await run_node("stats", *target)
+    default_roots = await run_node("stats", *target, "--tls")
+    wrong_ca = await run_node("stats", *target, "--ca-cert", str(other.ca_cert))
+
+    assert plaintext.returncode == 1, plaintext.stderr
+    assert plaintext.stderr.startswith("error: UNAVAILABLE: "), plaintext.stderr
+    assert "accepts only TLS, add --ca-cert FILE or --tls" in plaintext.stderr
+    for completed in (default_roots, wrong_ca):
+        assert completed.returncode == 1, completed.stderr
+        assert completed.stdout == ""
+        assert completed.stderr.startswith("error: UNAVAILABLE: "), completed.stderr
+        assert "certificate" in completed.stderr, completed.stderr
+        assert "accepts only TLS" not in completed.stderr
+
+
+async def test_node_tls_with_api_key(
+    start_server: Any, valkey_url: str, certificates: CertificateFiles, secret: str
+) -> None:
+    running: Running = await start_server(
+        valkey_url,
+        tls_cert=str(certificates.server_cert),
+        tls_key=str(certificates.server_key),
+        api_keys=entry_toml(ApiKey("node", hash_secret(secret))),
+    )
+    command = ("stats", "--target", running.address, "--ca-cert", str(certificates.ca_cert))
+
+    allowed = await run_node(*command, api_key=secret)
+    denied = await run_node(*command)
+
+    assert allowed.returncode == 0, allowed.stderr
+    assert json.loads(allowed.stdout)["connected"] is True
+    assert_no_secret(allowed, secret)
+    assert denied.returncode == 1, denied.stderr
+    assert denied.stderr.startswith("error: UNAUTHENTICATED: "), denied.stderr
+
+
+async def test_node_ca_cert_unusable(
+    tmp_path: pathlib.Path, certificates: CertificateFiles
+) -> None:
+    not_pem = tmp_path / "ca.txt"
+    not_pem.write_text("not a certificate\n")
+    absent = tmp_path / "absent.pem"
+    # The client exits before it connects. Port 1 keeps a client that did not
+    # from reaching a server on the default port.
+    target = ("--target", "127.0.0.1:1")
+
+    missing = await run_node("stats", *target, "--ca-cert", str(absent))
+    invalid = await run_node("stats", *target, "--ca-cert", str(not_pem))
+    key_only = await run_node("stats", *target, "--ca-cert", str(certificates.server_key))
+
+    assert missing.returncode == 2, missing.stderr
+    assert f"cannot read --ca-cert {absent}" in missing.stderr
+    assert invalid.returncode == 2, invalid.stderr
+    assert f"--ca-cert {not_pem} is not a PEM file" in invalid.stderr
+    assert key_only.returncode == 2, key_only.stderr
+    assert (
+        f"the first certificate in --ca-cert {certificates.server_key} is missing or invalid"
+        in key_only.stderr
+    )
+
+
 async def test_node_api_key_not_ascii(secret: str) -> None:
     key = secret + "\u00e9"
     target = ("--target", "127.0.0.1:1")
@@ -343,11 +456,11 @@ async def test_node_api_key_not_ascii(secret: str) -> None:
     assert_no_secret(from_environment, secret)
 
 
-async def test_node_help_lists_api_key() -> None:
+async def test_node_help_lists_security_options() -> None:
     completed = await run_node("--help")
 
     assert completed.returncode == 0, completed.stderr
-    for option in ("--api-key KEY", API_KEY_ENV):
+    for option in ("--api-key KEY", API_KEY_ENV, "--tls", "--ca-cert FILE", "--server-name NAME"):
         assert option in completed.stdout
 
 

@@ -2,7 +2,8 @@
 // A command-line client for TokenFlow's gRPC service, built on @grpc/grpc-js
 // with the service loaded at run time from the repository's .proto file.
 
-import { existsSync } from "node:fs";
+import { X509Certificate } from "node:crypto";
+import { existsSync, readFileSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
@@ -52,10 +53,17 @@ Every command also takes:
   --api-key KEY        API key sent as \`authorization: Bearer KEY\`. Environment:
                        ${API_KEY_ENV}, which other users cannot read in the
                        process list, unlike this option.
+  --ca-cert FILE       PEM CA certificates that sign the server's TLS
+                       certificate; set, the client connects over TLS.
+  --tls                Connect over TLS, checking the server's certificate
+                       against the CA certificates that Node.js trusts by
+                       default (implied by --ca-cert and --server-name).
+  --server-name NAME   Host name checked in the server's TLS certificate, when
+                       it differs from the --target host.
 
 A failed call prints "error: CODE: message" on stderr and exits with status 1.
-A wrong option or option value, such as an API key that is not printable
-ASCII, exits with status 2.`;
+A wrong option or option value, such as a --ca-cert file that cannot be read,
+exits with status 2.`;
 
 const OPTIONS = {
   target: { type: "string", default: DEFAULT_TARGET },
@@ -69,6 +77,9 @@ const OPTIONS = {
   type: { type: "string", multiple: true, default: [] },
   count: { type: "string", default: "0" },
   "api-key": { type: "string" },
+  "ca-cert": { type: "string" },
+  tls: { type: "boolean", default: false },
+  "server-name": { type: "string" },
   help: { type: "boolean", short: "h", default: false },
 };
 
@@ -76,9 +87,21 @@ const OPTIONS = {
 class UsageError extends Error {}
 // A missing file that the client needs before it can call the server: exit status 1.
 class SetupError extends Error {}
-// An option value that cannot be used, such as an API key that gRPC metadata
-// cannot carry: exit status 2, as in the Python `tokenflow` command.
+// An option value that cannot be used, such as an unreadable --ca-cert file:
+// exit status 2, as in the Python `tokenflow` command.
 class ConfigurationError extends Error {}
+
+// NOTE: grpc-js 1.14.7 sets the TLS server name (SNI) to the --target host even
+// when that host is an IP address, and Node.js then prints deprecation warning
+// DEP0123 for every TLS connection. Node.js still checks the certificate
+// against that address, so the warning gives the user nothing to act on and
+// is dropped here. Every other warning is printed as usual.
+const emitWarning = process.emitWarning;
+process.emitWarning = function (warning, ...rest) {
+  const code = typeof rest[0] === "object" ? rest[0]?.code : rest[1];
+  if (code === "DEP0123") return;
+  emitWarning.call(this, warning, ...rest);
+};
 
 // Protobuf's JSON mapping prints Timestamp and Duration as strings
 // ("2026-01-01T12:00:00.250Z", "60s"), as the Python client and buf curl do,
@@ -149,6 +172,50 @@ function callMetadata(options) {
   return metadata;
 }
 
+function usesTls(options) {
+  return Boolean(options["ca-cert"] || options.tls || options["server-name"]);
+}
+
+// Return the channel credentials and options: TLS when --ca-cert, --tls or
+// --server-name is set, else plaintext.
+function channelSecurity(options) {
+  const caCert = options["ca-cert"];
+  const serverName = options["server-name"];
+  if (!usesTls(options)) {
+    return { credentials: grpc.credentials.createInsecure(), channelOptions: {} };
+  }
+  // null makes grpc-js use GRPC_DEFAULT_SSL_ROOTS_FILE_PATH when set, else
+  // the CA certificates that Node.js trusts by default.
+  const roots = caCert ? readCertificates(caCert, "--ca-cert") : null;
+  const credentials = grpc.credentials.createSsl(roots);
+  const channelOptions = serverName ? { "grpc.ssl_target_name_override": serverName } : {};
+  return { credentials, channelOptions };
+}
+
+// Return the contents of a PEM file of certificates. Node.js ignores a CA
+// certificate that it cannot parse, after which every TLS handshake fails on
+// the server's certificate, so the first certificate is parsed here to report
+// a wrong file at once.
+function readCertificates(file, option) {
+  let data;
+  try {
+    data = readFileSync(file);
+  } catch (error) {
+    throw new ConfigurationError(`cannot read ${option} ${file}: ${error.message}`);
+  }
+  if (!data.includes("-----BEGIN ")) {
+    throw new ConfigurationError(`${option} ${file} is not a PEM file (no -----BEGIN line)`);
+  }
+  try {
+    new X509Certificate(data);
+  } catch (error) {
+    throw new ConfigurationError(
+      `the first certificate in ${option} ${file} is missing or invalid: ${error.message}`,
+    );
+  }
+  return data;
+}
+
 function parseNumber(name, text, { integer = false, min = -Infinity } = {}) {
   const value = Number(text);
   if (text.trim() === "" || !Number.isFinite(value) || (integer && !Number.isInteger(value))) {
@@ -182,8 +249,16 @@ function printRateLimit(metadata) {
   }
 }
 
-function printError(error) {
+function printError(error, options) {
   console.error(`error: ${grpc.status[error.code] ?? error.code}: ${error.details}`);
+  // Over plaintext, a port that accepts only TLS fails with "Failed to connect",
+  // which does not name TLS.
+  if (error.code === grpc.status.UNAVAILABLE && !usesTls(options)) {
+    console.error(
+      `note: the call used plaintext; if ${options.target} accepts only TLS, ` +
+        "add --ca-cert FILE or --tls",
+    );
+  }
 }
 
 function generate(client, metadata, positionals, options) {
@@ -205,7 +280,7 @@ function generate(client, metadata, positionals, options) {
       if (error) {
         // A rejected call carries the rate-limit metadata, retry-after
         // included, in its trailers.
-        printError(error);
+        printError(error, options);
         printRateLimit(error.metadata);
         resolve(1);
         return;
@@ -229,7 +304,7 @@ function stats(client, metadata, positionals, options) {
   return new Promise((resolve) => {
     client.GetStats({ activityLimit }, metadata, deadline(options), (error, response) => {
       if (error) {
-        printError(error);
+        printError(error, options);
         resolve(1);
         return;
       }
@@ -268,7 +343,7 @@ async function watch(client, metadata, positionals, options, activityTypes) {
       }
     }
   } catch (error) {
-    printError(error);
+    printError(error, options);
     return 1;
   }
   return 0;
@@ -292,8 +367,9 @@ async function main(argv) {
   }
 
   const metadata = callMetadata(options);
+  const { credentials, channelOptions } = channelSecurity(options);
   const { TokenFlowService, activityTypes } = loadService();
-  const client = new TokenFlowService(options.target, grpc.credentials.createInsecure());
+  const client = new TokenFlowService(options.target, credentials, channelOptions);
   try {
     return await COMMANDS[command](client, metadata, rest, options, activityTypes);
   } finally {
