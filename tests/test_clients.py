@@ -21,9 +21,12 @@ from typing import Any, cast
 import pytest
 from google.protobuf import json_format
 
+from tests.certs import CertificateFiles, make_certificates
 from tests.conftest import Running
 from tests.helpers import wait_until
 from tests.test_proto import BUF
+from tokenflow_grpc.apikeys import ApiKey, entry_toml, hash_secret, new_secret
+from tokenflow_grpc.cli_security import API_KEY_ENV
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
 
@@ -46,8 +49,11 @@ class Completed:
     stderr: str
 
 
-async def start_process(*command: str) -> asyncio.subprocess.Process:
-    """Start command in a process group of its own, with stdout and stderr piped.
+async def start_process(
+    *command: str, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    """Start command in a process group of its own, with stdout and stderr piped,
+    in env (default: this process's environment).
 
     node_modules/.bin/buf is a Node.js script that runs the real buf binary as
     a child, so stopping only the script would leave buf running and holding
@@ -58,6 +64,7 @@ async def start_process(*command: str) -> asyncio.subprocess.Process:
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
+        env=env,
     )
 
 
@@ -71,9 +78,9 @@ async def stop_process(process: asyncio.subprocess.Process) -> None:
     await asyncio.wait_for(process.wait(), PROCESS_TIMEOUT_SECONDS)
 
 
-async def run_process(*command: str) -> Completed:
+async def run_process(*command: str, env: dict[str, str] | None = None) -> Completed:
     """Run command to completion, or fail the test after PROCESS_TIMEOUT_SECONDS."""
-    process = await start_process(*command)
+    process = await start_process(*command, env=env)
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(), PROCESS_TIMEOUT_SECONDS)
         returncode = await process.wait()
@@ -90,8 +97,12 @@ def node_command(*arguments: str) -> list[str]:
     return [str(NODE), str(NODE_CLIENT), *arguments]
 
 
-async def run_node(*arguments: str) -> Completed:
-    return await run_process(*node_command(*arguments))
+async def run_node(*arguments: str, api_key: str | None = None) -> Completed:
+    """Run the Node client with TOKENFLOW_API_KEY set to api_key, or unset for None."""
+    env = {name: value for name, value in os.environ.items() if name != API_KEY_ENV}
+    if api_key is not None:
+        env[API_KEY_ENV] = api_key
+    return await run_process(*node_command(*arguments), env=env)
 
 
 def metadata_lines(stderr: str) -> dict[str, str]:
@@ -215,6 +226,242 @@ async def test_node_generate_rate_limited(start_server: Any, valkey_url: str) ->
     assert "retry-after" in metadata, rejected.stderr
     assert 1 <= int(metadata["retry-after"]) <= 60
     assert metadata["x-ratelimit-remaining"] == "0"
+
+
+# The Node.js client with API keys and TLS
+
+
+@pytest.fixture(scope="module")
+def secret() -> str:
+    return new_secret()
+
+
+@pytest.fixture
+async def secured(start_server: Any, valkey_url: str, secret: str) -> Running:
+    """A server that accepts one API key, the secret fixture, with the id "node"."""
+    running: Running = await start_server(
+        valkey_url, api_keys=entry_toml(ApiKey("node", hash_secret(secret)))
+    )
+    return running
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> CertificateFiles:
+    return make_certificates(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+async def tls_server(start_server: Any, valkey_url: str, certificates: CertificateFiles) -> Running:
+    """A server whose gRPC port accepts only TLS, with a certificate for localhost."""
+    running: Running = await start_server(
+        valkey_url,
+        tls_cert=str(certificates.server_cert),
+        tls_key=str(certificates.server_key),
+    )
+    return running
+
+
+def assert_no_secret(completed: Completed, secret: str) -> None:
+    assert secret not in completed.stdout
+    assert secret not in completed.stderr
+
+
+async def test_node_without_api_key_unauthenticated(secured: Running) -> None:
+    completed = await run_node("generate", "no key", "--target", secured.address)
+
+    assert completed.returncode == 1, completed.stderr
+    assert completed.stdout == ""
+    assert completed.stderr.startswith("error: UNAUTHENTICATED: missing API key"), completed.stderr
+
+
+async def test_node_wrong_api_key_unauthenticated(secured: Running) -> None:
+    wrong = new_secret()
+
+    completed = await run_node("generate", "wrong key", "--target", secured.address, api_key=wrong)
+
+    assert completed.returncode == 1, completed.stderr
+    assert completed.stderr.startswith("error: UNAUTHENTICATED: invalid API key"), completed.stderr
+    assert_no_secret(completed, wrong)
+
+
+async def test_node_api_key_option(secured: Running, secret: str) -> None:
+    completed = await run_node(
+        "generate", "key option", "--target", secured.address, "--api-key", secret
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(completed.stdout)["cached"] is False
+    assert_no_secret(completed, secret)
+
+
+async def test_node_api_key_environment(secured: Running, secret: str) -> None:
+    generated = await run_node(
+        "generate", "key variable", "--target", secured.address, api_key=secret
+    )
+    figures = await run_node("stats", "--target", secured.address, api_key=secret)
+
+    assert generated.returncode == 0, generated.stderr
+    assert json.loads(generated.stdout)["cached"] is False
+    assert figures.returncode == 0, figures.stderr
+    # The server counted the call against the key, not the peer address.
+    [event] = json.loads(figures.stdout)["activity"]
+    assert event["client"] == "key:node"
+    assert_no_secret(generated, secret)
+    assert_no_secret(figures, secret)
+
+
+async def test_node_api_key_option_wins(secured: Running, secret: str) -> None:
+    completed = await run_node(
+        "stats", "--target", secured.address, "--api-key", secret, api_key=new_secret()
+    )
+
+    assert completed.returncode == 0, completed.stderr
+
+
+async def test_node_watch_sends_api_key(secured: Running, secret: str) -> None:
+    hub = secured.core.hub
+    denied = await run_node("watch", "--count", "1", "--target", secured.address)
+    process = await start_process(
+        *node_command("watch", "--count", "1", "--target", secured.address),
+        env={**os.environ, API_KEY_ENV: secret},
+    )
+    try:
+        stderr_reader = cast(asyncio.StreamReader, process.stderr)
+        notice = await asyncio.wait_for(stderr_reader.readline(), PROCESS_TIMEOUT_SECONDS)
+        assert notice.decode().startswith("subscribed to activity on"), notice
+        assert await wait_until(lambda: hub.watcher_count == 1)
+
+        await run_node(
+            "generate", "watched with a key", "--target", secured.address, api_key=secret
+        )
+        stdout, stderr = await asyncio.wait_for(process.communicate(), PROCESS_TIMEOUT_SECONDS)
+    finally:
+        await stop_process(process)
+
+    assert denied.returncode == 1, denied.stderr
+    assert denied.stderr.startswith("error: UNAUTHENTICATED: missing API key"), denied.stderr
+    assert process.returncode == 0, stderr.decode()
+    [response] = [json.loads(line) for line in stdout.decode().splitlines()]
+    assert response["event"]["client"] == "key:node"
+
+
+async def test_node_tls_with_ca_cert(tls_server: Running, certificates: CertificateFiles) -> None:
+    target = f"localhost:{tls_server.server.port}"
+
+    generated = await run_node(
+        "generate", "over TLS", "--target", target, "--ca-cert", str(certificates.ca_cert)
+    )
+    figures = await run_node(
+        "stats", "--target", tls_server.address, "--ca-cert", str(certificates.ca_cert)
+    )
+
+    assert generated.returncode == 0, generated.stderr
+    assert json.loads(generated.stdout)["cached"] is False
+    assert figures.returncode == 0, figures.stderr
+    assert json.loads(figures.stdout)["connected"] is True
+
+
+async def test_node_tls_server_name(tls_server: Running, certificates: CertificateFiles) -> None:
+    ca = ("--ca-cert", str(certificates.ca_cert))
+    target = ("--target", tls_server.address)
+
+    matching = await run_node("stats", *target, *ca, "--server-name", "localhost")
+    mismatched = await run_node("stats", *target, *ca, "--server-name", "other.test")
+
+    assert matching.returncode == 0, matching.stderr
+    assert mismatched.returncode == 1, mismatched.stderr
+    assert mismatched.stderr.startswith("error: UNAVAILABLE: "), mismatched.stderr
+    assert "other.test" in mismatched.stderr
+
+
+async def test_node_tls_without_ca_fails(
+    tls_server: Running, certificates: CertificateFiles, tmp_path: pathlib.Path
+) -> None:
+    other = make_certificates(tmp_path, ca_name="Another CA")
+    target = ("--target", f"localhost:{tls_server.server.port}")
+
+    plaintext = await run_node("stats", *target)
+    default_roots = await run_node("stats", *target, "--tls")
+    wrong_ca = await run_node("stats", *target, "--ca-cert", str(other.ca_cert))
+
+    assert plaintext.returncode == 1, plaintext.stderr
+    assert plaintext.stderr.startswith("error: UNAVAILABLE: "), plaintext.stderr
+    assert "accepts only TLS, add --ca-cert FILE or --tls" in plaintext.stderr
+    for completed in (default_roots, wrong_ca):
+        assert completed.returncode == 1, completed.stderr
+        assert completed.stdout == ""
+        assert completed.stderr.startswith("error: UNAVAILABLE: "), completed.stderr
+        assert "certificate" in completed.stderr, completed.stderr
+        assert "accepts only TLS" not in completed.stderr
+
+
+async def test_node_tls_with_api_key(
+    start_server: Any, valkey_url: str, certificates: CertificateFiles, secret: str
+) -> None:
+    running: Running = await start_server(
+        valkey_url,
+        tls_cert=str(certificates.server_cert),
+        tls_key=str(certificates.server_key),
+        api_keys=entry_toml(ApiKey("node", hash_secret(secret))),
+    )
+    command = ("stats", "--target", running.address, "--ca-cert", str(certificates.ca_cert))
+
+    allowed = await run_node(*command, api_key=secret)
+    denied = await run_node(*command)
+
+    assert allowed.returncode == 0, allowed.stderr
+    assert json.loads(allowed.stdout)["connected"] is True
+    assert_no_secret(allowed, secret)
+    assert denied.returncode == 1, denied.stderr
+    assert denied.stderr.startswith("error: UNAUTHENTICATED: "), denied.stderr
+
+
+async def test_node_ca_cert_unusable(
+    tmp_path: pathlib.Path, certificates: CertificateFiles
+) -> None:
+    not_pem = tmp_path / "ca.txt"
+    not_pem.write_text("not a certificate\n")
+    absent = tmp_path / "absent.pem"
+    # The client exits before it connects. Port 1 keeps a client that did not
+    # from reaching a server on the default port.
+    target = ("--target", "127.0.0.1:1")
+
+    missing = await run_node("stats", *target, "--ca-cert", str(absent))
+    invalid = await run_node("stats", *target, "--ca-cert", str(not_pem))
+    key_only = await run_node("stats", *target, "--ca-cert", str(certificates.server_key))
+
+    assert missing.returncode == 2, missing.stderr
+    assert f"cannot read --ca-cert {absent}" in missing.stderr
+    assert invalid.returncode == 2, invalid.stderr
+    assert f"--ca-cert {not_pem} is not a PEM file" in invalid.stderr
+    assert key_only.returncode == 2, key_only.stderr
+    assert (
+        f"the first certificate in --ca-cert {certificates.server_key} is missing or invalid"
+        in key_only.stderr
+    )
+
+
+async def test_node_api_key_not_ascii(secret: str) -> None:
+    key = secret + "\u00e9"
+    target = ("--target", "127.0.0.1:1")
+
+    from_option = await run_node("stats", *target, "--api-key", key)
+    from_environment = await run_node("stats", *target, api_key=key)
+
+    assert from_option.returncode == 2, from_option.stderr
+    assert "the API key from --api-key contains characters" in from_option.stderr
+    assert from_environment.returncode == 2, from_environment.stderr
+    assert f"the API key from {API_KEY_ENV} contains characters" in from_environment.stderr
+    assert_no_secret(from_option, secret)
+    assert_no_secret(from_environment, secret)
+
+
+async def test_node_help_lists_security_options() -> None:
+    completed = await run_node("--help")
+
+    assert completed.returncode == 0, completed.stderr
+    for option in ("--api-key KEY", API_KEY_ENV, "--tls", "--ca-cert FILE", "--server-name NAME"):
+        assert option in completed.stdout
 
 
 # The buf curl recipes in clients/grpcurl.md

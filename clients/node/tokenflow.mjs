@@ -2,7 +2,8 @@
 // A command-line client for TokenFlow's gRPC service, built on @grpc/grpc-js
 // with the service loaded at run time from the repository's .proto file.
 
-import { existsSync } from "node:fs";
+import { X509Certificate } from "node:crypto";
+import { existsSync, readFileSync } from "node:fs";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
@@ -18,6 +19,9 @@ const PROTO_FILE = "tokenflow/v1/tokenflow.proto";
 const INCLUDE_DIRS = [path.join(REPOSITORY, "proto"), path.join(REPOSITORY, "build/proto-deps")];
 
 const DEFAULT_TARGET = "127.0.0.1:50051";
+const API_KEY_ENV = "TOKENFLOW_API_KEY";
+// gRPC metadata values that are not binary (-bin) must be printable ASCII.
+const METADATA_TEXT = /^[ -~]*$/;
 const DEFAULT_TIMEOUT_SECONDS = 10;
 const RATE_LIMIT_METADATA = [
   "x-ratelimit-limit",
@@ -44,7 +48,22 @@ Commands:
 
 Every command takes --target HOST:PORT (default ${DEFAULT_TARGET}). generate and
 stats take --timeout SECONDS, the call's deadline (default ${DEFAULT_TIMEOUT_SECONDS}).
-A failed call prints "error: CODE: message" on stderr and exits with status 1.`;
+
+Every command also takes:
+  --api-key KEY        API key sent as \`authorization: Bearer KEY\`. Environment:
+                       ${API_KEY_ENV}, which other users cannot read in the
+                       process list, unlike this option.
+  --ca-cert FILE       PEM CA certificates that sign the server's TLS
+                       certificate; set, the client connects over TLS.
+  --tls                Connect over TLS, checking the server's certificate
+                       against the CA certificates that Node.js trusts by
+                       default (implied by --ca-cert and --server-name).
+  --server-name NAME   Host name checked in the server's TLS certificate, when
+                       it differs from the --target host.
+
+A failed call prints "error: CODE: message" on stderr and exits with status 1.
+A wrong option or option value, such as a --ca-cert file that cannot be read,
+exits with status 2.`;
 
 const OPTIONS = {
   target: { type: "string", default: DEFAULT_TARGET },
@@ -57,6 +76,10 @@ const OPTIONS = {
   "since-id": { type: "string", default: "" },
   type: { type: "string", multiple: true, default: [] },
   count: { type: "string", default: "0" },
+  "api-key": { type: "string" },
+  "ca-cert": { type: "string" },
+  tls: { type: "boolean", default: false },
+  "server-name": { type: "string" },
   help: { type: "boolean", short: "h", default: false },
 };
 
@@ -64,6 +87,21 @@ const OPTIONS = {
 class UsageError extends Error {}
 // A missing file that the client needs before it can call the server: exit status 1.
 class SetupError extends Error {}
+// An option value that cannot be used, such as an unreadable --ca-cert file:
+// exit status 2, as in the Python `tokenflow` command.
+class ConfigurationError extends Error {}
+
+// NOTE: grpc-js 1.14.7 sets the TLS server name (SNI) to the --target host even
+// when that host is an IP address, and Node.js then prints deprecation warning
+// DEP0123 for every TLS connection. Node.js still checks the certificate
+// against that address, so the warning gives the user nothing to act on and
+// is dropped here. Every other warning is printed as usual.
+const emitWarning = process.emitWarning;
+process.emitWarning = function (warning, ...rest) {
+  const code = typeof rest[0] === "object" ? rest[0]?.code : rest[1];
+  if (code === "DEP0123") return;
+  emitWarning.call(this, warning, ...rest);
+};
 
 // Protobuf's JSON mapping prints Timestamp and Duration as strings
 // ("2026-01-01T12:00:00.250Z", "60s"), as the Python client and buf curl do,
@@ -117,6 +155,67 @@ function loadService() {
   return { TokenFlowService, activityTypes };
 }
 
+// Return the metadata that every call sends: the API key from --api-key or,
+// when that is unset or empty, from TOKENFLOW_API_KEY.
+function callMetadata(options) {
+  const metadata = new grpc.Metadata();
+  const apiKey = options["api-key"] || process.env[API_KEY_ENV] || undefined;
+  if (apiKey === undefined) return metadata;
+  // grpc-js would reject such a key with an error that contains it.
+  if (!METADATA_TEXT.test(apiKey)) {
+    throw new ConfigurationError(
+      `the API key from ${options["api-key"] ? "--api-key" : API_KEY_ENV} contains characters ` +
+        "other than printable ASCII, which gRPC metadata cannot carry; check the key",
+    );
+  }
+  metadata.set("authorization", `Bearer ${apiKey}`);
+  return metadata;
+}
+
+function usesTls(options) {
+  return Boolean(options["ca-cert"] || options.tls || options["server-name"]);
+}
+
+// Return the channel credentials and options: TLS when --ca-cert, --tls or
+// --server-name is set, else plaintext.
+function channelSecurity(options) {
+  const caCert = options["ca-cert"];
+  const serverName = options["server-name"];
+  if (!usesTls(options)) {
+    return { credentials: grpc.credentials.createInsecure(), channelOptions: {} };
+  }
+  // null makes grpc-js use GRPC_DEFAULT_SSL_ROOTS_FILE_PATH when set, else
+  // the CA certificates that Node.js trusts by default.
+  const roots = caCert ? readCertificates(caCert, "--ca-cert") : null;
+  const credentials = grpc.credentials.createSsl(roots);
+  const channelOptions = serverName ? { "grpc.ssl_target_name_override": serverName } : {};
+  return { credentials, channelOptions };
+}
+
+// Return the contents of a PEM file of certificates. Node.js ignores a CA
+// certificate that it cannot parse, after which every TLS handshake fails on
+// the server's certificate, so the first certificate is parsed here to report
+// a wrong file at once.
+function readCertificates(file, option) {
+  let data;
+  try {
+    data = readFileSync(file);
+  } catch (error) {
+    throw new ConfigurationError(`cannot read ${option} ${file}: ${error.message}`);
+  }
+  if (!data.includes("-----BEGIN ")) {
+    throw new ConfigurationError(`${option} ${file} is not a PEM file (no -----BEGIN line)`);
+  }
+  try {
+    new X509Certificate(data);
+  } catch (error) {
+    throw new ConfigurationError(
+      `the first certificate in ${option} ${file} is missing or invalid: ${error.message}`,
+    );
+  }
+  return data;
+}
+
 function parseNumber(name, text, { integer = false, min = -Infinity } = {}) {
   const value = Number(text);
   if (text.trim() === "" || !Number.isFinite(value) || (integer && !Number.isInteger(value))) {
@@ -150,11 +249,19 @@ function printRateLimit(metadata) {
   }
 }
 
-function printError(error) {
+function printError(error, options) {
   console.error(`error: ${grpc.status[error.code] ?? error.code}: ${error.details}`);
+  // Over plaintext, a port that accepts only TLS fails with "Failed to connect",
+  // which does not name TLS.
+  if (error.code === grpc.status.UNAVAILABLE && !usesTls(options)) {
+    console.error(
+      `note: the call used plaintext; if ${options.target} accepts only TLS, ` +
+        "add --ca-cert FILE or --tls",
+    );
+  }
 }
 
-function generate(client, positionals, options) {
+function generate(client, metadata, positionals, options) {
   if (positionals.length !== 1) {
     throw new UsageError("generate takes exactly one PROMPT argument");
   }
@@ -169,11 +276,11 @@ function generate(client, positionals, options) {
 
   return new Promise((resolve) => {
     let headers;
-    const call = client.Generate(request, deadline(options), (error, response) => {
+    const call = client.Generate(request, metadata, deadline(options), (error, response) => {
       if (error) {
         // A rejected call carries the rate-limit metadata, retry-after
         // included, in its trailers.
-        printError(error);
+        printError(error, options);
         printRateLimit(error.metadata);
         resolve(1);
         return;
@@ -188,16 +295,16 @@ function generate(client, positionals, options) {
   });
 }
 
-function stats(client, positionals, options) {
+function stats(client, metadata, positionals, options) {
   expectNoArguments("stats", positionals);
   const activityLimit = parseNumber("activity-limit", options["activity-limit"], {
     integer: true,
     min: 0,
   });
   return new Promise((resolve) => {
-    client.GetStats({ activityLimit }, deadline(options), (error, response) => {
+    client.GetStats({ activityLimit }, metadata, deadline(options), (error, response) => {
       if (error) {
-        printError(error);
+        printError(error, options);
         resolve(1);
         return;
       }
@@ -207,7 +314,7 @@ function stats(client, positionals, options) {
   });
 }
 
-async function watch(client, positionals, options, activityTypes) {
+async function watch(client, metadata, positionals, options, activityTypes) {
   expectNoArguments("watch", positionals);
   const count = parseNumber("count", options.count, { integer: true, min: 0 });
   for (const type of options.type) {
@@ -216,9 +323,12 @@ async function watch(client, positionals, options, activityTypes) {
     }
   }
 
-  const call = client.WatchActivity({ sinceId: options["since-id"], types: options.type });
-  call.on("metadata", (metadata) => {
-    if (metadata.get(WATCH_SUBSCRIBED[0]).includes(WATCH_SUBSCRIBED[1])) {
+  const call = client.WatchActivity(
+    { sinceId: options["since-id"], types: options.type },
+    metadata,
+  );
+  call.on("metadata", (headers) => {
+    if (headers.get(WATCH_SUBSCRIBED[0]).includes(WATCH_SUBSCRIBED[1])) {
       console.error(`subscribed to activity on ${options.target}`);
     }
   });
@@ -233,7 +343,7 @@ async function watch(client, positionals, options, activityTypes) {
       }
     }
   } catch (error) {
-    printError(error);
+    printError(error, options);
     return 1;
   }
   return 0;
@@ -256,10 +366,12 @@ async function main(argv) {
     throw new UsageError(command ? `unknown command "${command}"` : "missing COMMAND");
   }
 
+  const metadata = callMetadata(options);
+  const { credentials, channelOptions } = channelSecurity(options);
   const { TokenFlowService, activityTypes } = loadService();
-  const client = new TokenFlowService(options.target, grpc.credentials.createInsecure());
+  const client = new TokenFlowService(options.target, credentials, channelOptions);
   try {
-    return await COMMANDS[command](client, rest, options, activityTypes);
+    return await COMMANDS[command](client, metadata, rest, options, activityTypes);
   } finally {
     client.close();
   }
@@ -271,6 +383,9 @@ try {
   if (error instanceof SetupError) {
     console.error(`tokenflow.mjs: ${error.message}`);
     process.exitCode = 1;
+  } else if (error instanceof ConfigurationError) {
+    console.error(`tokenflow.mjs: ${error.message}`);
+    process.exitCode = 2;
   } else if (error instanceof UsageError || error.code?.startsWith("ERR_PARSE_ARGS")) {
     console.error(`tokenflow.mjs: ${error.message}\nRun "node tokenflow.mjs --help" for usage.`);
     process.exitCode = 2;
