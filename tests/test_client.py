@@ -17,6 +17,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 from tests.conftest import CountingGenerator, make_settings
 from tests.helpers import free_port
@@ -25,6 +27,7 @@ from tokenflow_grpc.client import (
     RateLimitExceeded,
     TokenFlowClient,
     backoff_delay,
+    retry_delay,
 )
 from tokenflow_grpc.server import TokenFlowServer
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
@@ -39,19 +42,31 @@ class Scripted(pb_grpc.TokenFlowServiceServicer):
     calls: list[dict[str, str]] = field(default_factory=list)
     # GenerateStream fails with this code after its first delta.
     fail_after_first: grpc.StatusCode | None = None
+    # Trailing metadata of every scripted failure; TokenFlow's own handlers
+    # always send x-request-id.
+    trailing: tuple[tuple[str, Any], ...] = ()
 
-    async def Generate(self, request: pb.GenerateRequest, context: Any) -> pb.GenerateResponse:
+    async def fail_if_scripted(self, context: Any) -> None:
         self.calls.append(dict(context.invocation_metadata()))
         if self.failures:
-            await context.abort(self.failures.pop(0), "scripted failure")
+            await context.abort(self.failures.pop(0), "scripted failure", self.trailing)
+
+    async def Generate(self, request: pb.GenerateRequest, context: Any) -> pb.GenerateResponse:
+        await self.fail_if_scripted(context)
         return pb.GenerateResponse(response=f"echo {request.prompt}")
+
+    async def GetStats(self, request: pb.GetStatsRequest, context: Any) -> pb.GetStatsResponse:
+        await self.fail_if_scripted(context)
+        return pb.GetStatsResponse(connected=True)
+
+    async def Simulate(self, request: pb.SimulateRequest, context: Any) -> pb.SimulateResponse:
+        await self.fail_if_scripted(context)
+        return pb.SimulateResponse()
 
     async def GenerateStream(
         self, request: pb.GenerateStreamRequest, context: Any
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        self.calls.append(dict(context.invocation_metadata()))
-        if self.failures:
-            await context.abort(self.failures.pop(0), "scripted failure")
+        await self.fail_if_scripted(context)
         yield pb.GenerateStreamResponse(delta="echo ")
         if self.fail_after_first is not None:
             await context.abort(self.fail_after_first, "scripted failure mid-stream")
@@ -169,6 +184,114 @@ async def test_sync_stream_retries_only_before_first_message(scripted_server: An
     assert code == grpc.StatusCode.UNAVAILABLE
     # One retried call for the first stream, one unretried call for the second.
     assert len(servicer.calls) == 3
+
+
+ANSWERED = (("x-request-id", "answered-by-the-handler"),)
+
+
+def retry_info(seconds: int) -> tuple[tuple[str, Any], ...]:
+    """Trailing metadata carrying google.rpc.RetryInfo, as the server sends it."""
+    status = status_pb2.Status(code=grpc.StatusCode.UNAVAILABLE.value[0], message="busy")
+    status.details.add().Pack(
+        error_details_pb2.RetryInfo(retry_delay=duration_pb2.Duration(seconds=seconds))
+    )
+    return (("grpc-status-details-bin", status.SerializeToString()),)
+
+
+async def test_generate_not_retried_when_the_handler_answered(scripted_server: Any) -> None:
+    servicer, target = await scripted_server([grpc.StatusCode.UNAVAILABLE] * 2)
+    servicer.trailing = ANSWERED
+    async with AsyncTokenFlowClient(target, retries=3) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.generate("counted once")
+        with pytest.raises(grpc.aio.AioRpcError):
+            async for _ in client.generate_stream("counted once"):
+                pass
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(servicer.calls) == 2
+
+
+async def test_stats_retried_even_when_answered(scripted_server: Any) -> None:
+    servicer, target = await scripted_server([grpc.StatusCode.UNAVAILABLE] * 2)
+    servicer.trailing = ANSWERED
+    async with AsyncTokenFlowClient(target, retries=3) as client:
+        stats = await client.stats()
+
+    assert stats.connected
+    assert len(servicer.calls) == 3
+
+
+async def test_simulate_never_retried(scripted_server: Any) -> None:
+    servicer, target = await scripted_server([grpc.StatusCode.UNAVAILABLE])
+    async with AsyncTokenFlowClient(target, retries=3) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.simulate(10)
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert len(servicer.calls) == 1
+
+
+async def test_retry_waits_the_delay_the_server_asks_for(scripted_server: Any) -> None:
+    servicer, target = await scripted_server([grpc.StatusCode.UNAVAILABLE])
+    servicer.trailing = retry_info(1)
+    started = time.monotonic()
+    async with AsyncTokenFlowClient(target, retries=3) as client:
+        reply = await client.generate("after a second", timeout=5.0)
+    waited = time.monotonic() - started
+
+    assert reply.response.response == "echo after a second"
+    assert len(servicer.calls) == 2
+    assert waited >= 1.0
+
+
+async def test_no_retry_when_the_delay_passes_the_deadline(scripted_server: Any) -> None:
+    servicer, target = await scripted_server([grpc.StatusCode.UNAVAILABLE])
+    servicer.trailing = retry_info(30)
+    started = time.monotonic()
+    async with AsyncTokenFlowClient(target, retries=3) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.generate("not worth waiting", timeout=5.0)
+
+    assert time.monotonic() - started < 1.0
+    assert retry_delay(caught.value) == 30.0
+    assert len(servicer.calls) == 1
+
+
+async def test_sync_client_codes_and_deadline(scripted_server: Any, start_server: Any) -> None:
+    servicer, target = await scripted_server([grpc.StatusCode.INTERNAL])
+    running = await start_server("memory://sync-deadline", generator=CountingGenerator(latency=2.0))
+
+    def calls() -> tuple[Any, Any, float]:
+        with TokenFlowClient(target, retries=3) as client:
+            try:
+                client.generate("internal")
+            except grpc.RpcError as error:
+                internal = error
+        with TokenFlowClient(running.address) as client:
+            started = time.monotonic()
+            try:
+                client.generate("too slow", timeout=0.3)
+            except grpc.RpcError as error:
+                late = error
+            return internal, late, time.monotonic() - started
+
+    internal, late, seconds = await asyncio.to_thread(calls)
+
+    assert internal.code() == grpc.StatusCode.INTERNAL
+    assert len(servicer.calls) == 1
+    assert late.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert seconds < 1.5
+
+
+@pytest.mark.parametrize("timeout", [0, -1.0])
+async def test_timeout_must_be_positive(scripted_server: Any, timeout: float) -> None:
+    servicer, target = await scripted_server([])
+    async with AsyncTokenFlowClient(target) as client:
+        with pytest.raises(ValueError, match="timeout must be a positive number"):
+            await client.generate("no deadline at all", timeout=timeout)
+
+    assert servicer.calls == []
 
 
 def test_backoff_grows_and_is_capped() -> None:

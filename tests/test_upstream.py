@@ -20,6 +20,7 @@ from google.rpc import error_details_pb2, status_pb2
 from tests.conftest import CountingGenerator, Running, RunningGateway, make_settings
 from tests.fake_openai import FakeOpenAI, Reply
 from tokenflow_grpc.apikeys import ApiKey, entry_toml, hash_secret, new_secret
+from tokenflow_grpc.client import AsyncTokenFlowClient, retry_delay
 from tokenflow_grpc.server import CACHE_KEY_METADATA_KEY
 from tokenflow_grpc.upstream import UpstreamGenerator
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
@@ -185,6 +186,24 @@ async def test_retry_after_past_deadline_fails_at_once(
     assert elapsed < 5.0
     assert retry_delay_seconds(error) == 60.0
     assert dict(error.trailing_metadata() or ())["retry-after"] == "60"
+
+
+async def test_client_does_not_retry_an_upstream_failure(
+    start_upstream: Any, start_with_upstream: Any
+) -> None:
+    fake = await start_upstream(Reply(status=429, headers={"Retry-After": "30"}))
+    running = await start_with_upstream(fake, upstream_retries=0)
+
+    async with AsyncTokenFlowClient(running.address, retries=3) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.generate("upstream busy")
+        stats = await client.stats()
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert retry_delay(caught.value) == 30.0
+    # One call: one upstream request and one request in the limiter.
+    assert len(fake.received) == 1
+    assert stats.rate_limit.requests_total == 1
 
 
 async def test_5xx_retried_then_success(start_upstream: Any, start_with_upstream: Any) -> None:

@@ -1,18 +1,27 @@
 """Clients of TokenFlowService: AsyncTokenFlowClient (asyncio) and
 TokenFlowClient (blocking), with the same methods.
 
-Every call has a deadline. Calls that fail with UNAVAILABLE are retried with
-exponential backoff and jitter until `retries` extra attempts or the
-deadline run out; no other status is retried. A rejected Generate raises
-RateLimitExceeded, which carries the rate-limit figures and the delay the
-server asks for. generate_stream() retries UNAVAILABLE only until its first
-message, so no text is delivered twice. watch() reconnects after a dropped
-stream and resumes after the last event it delivered, so no event still in
-the stream is lost or repeated.
+Every call has a deadline. Only UNAVAILABLE is retried, with exponential
+backoff and jitter, or after the delay the server asked for when that is
+longer, until `retries` extra attempts or the deadline run out:
 
-NOTE: a Generate retried after UNAVAILABLE may be counted twice by the
-limiter when the first attempt was admitted before it failed (the server
-fails closed with UNAVAILABLE, or the generator failed).
+- stats() and watch() retry every UNAVAILABLE: they change nothing.
+- generate() and generate_stream() retry an UNAVAILABLE that the server's
+  handler did not send (the server unreachable, restarting or stopping).
+  One that the handler sent (the upstream failing, Valkey down under the
+  deny policy) is raised: the call may already have been counted.
+  generate_stream() also retries only until its first message, so no text
+  is delivered twice.
+- simulate() is never retried: a burst is not idempotent.
+
+A rejected Generate raises RateLimitExceeded, which carries the rate-limit
+figures and the delay the server asks for; retry_delay() reads that delay
+from any error. watch() reconnects after a dropped stream and resumes after
+the last event it delivered, so no event still in the stream is lost or
+repeated.
+
+NOTE: a connection lost while a Generate runs cannot be told from one lost
+before it arrived, so that call may be retried and counted twice.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ from typing import Any, TypeVar
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
+from tokenflow_grpc.request_id import REQUEST_ID_KEY
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
 
@@ -107,7 +117,7 @@ class RateLimitExceeded(grpc.aio.AioRpcError):  # type: ignore[misc]
             error.details() if hasattr(error, "details") else str(error),
         )
         self.rate_limit = RateLimitInfo.from_metadata(initial, trailing)
-        self.retry_after = _retry_delay(trailing, self.rate_limit)
+        self.retry_after = retry_delay(error)
 
 
 def _metadata(error: grpc.RpcError, name: str) -> tuple[tuple[str, Any], ...]:
@@ -116,16 +126,26 @@ def _metadata(error: grpc.RpcError, name: str) -> tuple[tuple[str, Any], ...]:
     return tuple((key, value) for key, value in pairs or ())
 
 
-def _retry_delay(trailing: Sequence[tuple[str, Any]], rate_limit: RateLimitInfo) -> float | None:
+def retry_delay(error: grpc.RpcError) -> float | None:
+    """Return the seconds the server asked the caller to wait before trying
+    again: google.rpc.RetryInfo, else the retry-after metadata; None if neither."""
+    trailing = _metadata(error, "trailing_metadata")
     for key, value in trailing:
         if key == DETAILS_METADATA_KEY and isinstance(value, bytes):
             for detail in status_pb2.Status.FromString(value).details:
                 retry_info = error_details_pb2.RetryInfo()
                 if detail.Unpack(retry_info):
                     return float(retry_info.retry_delay.ToTimedelta().total_seconds())
+    rate_limit = RateLimitInfo.from_metadata(_metadata(error, "initial_metadata"), trailing)
     if rate_limit.retry_after_seconds is not None:
         return float(rate_limit.retry_after_seconds)
     return None
+
+
+def _answered(error: grpc.RpcError) -> bool:
+    """Return True when TokenFlow's handler sent error: it adds x-request-id to
+    the trailing metadata of every answer, errors included."""
+    return any(key == REQUEST_ID_KEY for key, _ in _metadata(error, "trailing_metadata"))
 
 
 def generate_request(
@@ -161,11 +181,33 @@ def stream_request(request: pb.GenerateRequest) -> pb.GenerateStreamRequest:
     return pb.GenerateStreamRequest.FromString(request.SerializeToString())
 
 
-def _should_retry(
-    code: grpc.StatusCode | None, attempt: int, retries: int, delay: float, deadline: float
-) -> bool:
-    """Return True when a call that failed with code may be tried again after delay."""
-    return code in RETRYABLE and attempt < retries and time.monotonic() + delay < deadline
+# Which UNAVAILABLE failures a method retries; see the module docstring.
+RETRY_ANY = "any"
+RETRY_UNANSWERED = "unanswered"
+RETRY_NEVER = "never"
+
+
+def _retry_wait(
+    error: grpc.RpcError, policy: str, attempt: int, retries: int, deadline: float
+) -> float | None:
+    """Return the wait before retrying a call that failed with error, or None
+    when it must not be retried."""
+    if _code(error) not in RETRYABLE or attempt >= retries or policy == RETRY_NEVER:
+        return None
+    if policy == RETRY_UNANSWERED and _answered(error):
+        return None
+    wait = max(backoff_delay(attempt), retry_delay(error) or 0.0)
+    if time.monotonic() + wait >= deadline:
+        return None
+    return wait
+
+
+def _deadline(timeout: float | None, default: float) -> float:
+    """Return the monotonic deadline of a call; None means default seconds."""
+    seconds = default if timeout is None else timeout
+    if not seconds > 0:
+        raise ValueError(f"timeout must be a positive number of seconds, got {seconds!r}")
+    return time.monotonic() + seconds
 
 
 def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
@@ -178,8 +220,11 @@ def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
 
 
 def _code(error: grpc.RpcError) -> grpc.StatusCode | None:
-    """Return the status of a blocking call's error; None when it has none."""
-    return error.code() if isinstance(error, grpc.Call) else None
+    """Return the status of a call's error; None when it has none."""
+    if isinstance(error, (grpc.Call, grpc.aio.AioRpcError)):
+        code: grpc.StatusCode = error.code()
+        return code
+    return None
 
 
 def _channel_metadata(
@@ -254,20 +299,25 @@ class AsyncTokenFlowClient:
         await self.channel.close()
 
     async def _call(
-        self, attempt_call: Callable[[float], Awaitable[Result]], timeout: float | None
+        self,
+        attempt_call: Callable[[float], Awaitable[Result]],
+        timeout: float | None,
+        policy: str,
+        default_timeout: float | None = None,
     ) -> Result:
-        """Run attempt_call(remaining seconds) until it succeeds, retrying UNAVAILABLE."""
-        deadline = time.monotonic() + (timeout or self.timeout)
+        """Run attempt_call(remaining seconds) until it succeeds or policy
+        allows no more retries."""
+        deadline = _deadline(timeout, default_timeout or self.timeout)
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
             try:
                 return await attempt_call(max(remaining, 0.001))
-            except grpc.aio.AioRpcError as error:
-                delay = backoff_delay(attempt)
-                if not _should_retry(error.code(), attempt, self.retries, delay, deadline):
+            except grpc.RpcError as error:
+                wait = _retry_wait(error, policy, attempt, self.retries, deadline)
+                if wait is None:
                     raise
-            await asyncio.sleep(delay)
+            await asyncio.sleep(wait)
             attempt += 1
 
     async def generate(
@@ -307,7 +357,7 @@ class AsyncTokenFlowClient:
             )
             return GenerateReply(response, headers)
 
-        return await self._call(attempt, timeout)
+        return await self._call(attempt, timeout, RETRY_UNANSWERED)
 
     async def generate_stream(
         self,
@@ -327,15 +377,16 @@ class AsyncTokenFlowClient:
         rate_limit, token_budget).
 
         timeout bounds the whole stream. A rejected call raises
-        RateLimitExceeded before any message. UNAVAILABLE is retried only
-        while no message has arrived, so no text is delivered twice.
+        RateLimitExceeded before any message. UNAVAILABLE is retried as for
+        generate(), and only while no message has arrived, so no text is
+        delivered twice.
         """
         request = stream_request(
             generate_request(
                 prompt, model, temperature, max_tokens, skip_cache, cache_ttl, cache_namespace
             )
         )
-        deadline = time.monotonic() + (timeout or self.timeout)
+        deadline = _deadline(timeout, self.timeout)
         attempt = 0
         while True:
             call = self.stub.GenerateStream(
@@ -352,14 +403,13 @@ class AsyncTokenFlowClient:
             except grpc.aio.AioRpcError as error:
                 if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise RateLimitExceeded(error) from None
-                delay = backoff_delay(attempt)
-                if received or not _should_retry(
-                    error.code(), attempt, self.retries, delay, deadline
-                ):
+                policy = RETRY_NEVER if received else RETRY_UNANSWERED
+                wait = _retry_wait(error, policy, attempt, self.retries, deadline)
+                if wait is None:
                     raise
             finally:
                 call.cancel()
-            await asyncio.sleep(delay)
+            await asyncio.sleep(wait)
             attempt += 1
 
     async def stats(
@@ -373,7 +423,7 @@ class AsyncTokenFlowClient:
             )
             return response
 
-        return await self._call(attempt, timeout)
+        return await self._call(attempt, timeout, RETRY_ANY)
 
     async def simulate(self, count: int = 0, timeout: float | None = None) -> pb.SimulateResponse:
         request = pb.SimulateRequest(count=count)
@@ -384,7 +434,7 @@ class AsyncTokenFlowClient:
             )
             return response
 
-        return await self._call(attempt, timeout or max(self.timeout, SIMULATE_TIMEOUT))
+        return await self._call(attempt, timeout, RETRY_NEVER, max(self.timeout, SIMULATE_TIMEOUT))
 
     async def watch(
         self,
@@ -469,18 +519,24 @@ class TokenFlowClient:
     def close(self) -> None:
         self.channel.close()
 
-    def _call(self, attempt_call: Callable[[float], Result], timeout: float | None) -> Result:
-        deadline = time.monotonic() + (timeout or self.timeout)
+    def _call(
+        self,
+        attempt_call: Callable[[float], Result],
+        timeout: float | None,
+        policy: str,
+        default_timeout: float | None = None,
+    ) -> Result:
+        deadline = _deadline(timeout, default_timeout or self.timeout)
         attempt = 0
         while True:
             remaining = deadline - time.monotonic()
             try:
                 return attempt_call(max(remaining, 0.001))
             except grpc.RpcError as error:
-                delay = backoff_delay(attempt)
-                if not _should_retry(_code(error), attempt, self.retries, delay, deadline):
+                wait = _retry_wait(error, policy, attempt, self.retries, deadline)
+                if wait is None:
                     raise
-            time.sleep(delay)
+            time.sleep(wait)
             attempt += 1
 
     def generate(
@@ -517,7 +573,7 @@ class TokenFlowClient:
             headers = RateLimitInfo.from_metadata(call.initial_metadata(), call.trailing_metadata())
             return GenerateReply(response, headers)
 
-        return self._call(attempt, timeout)
+        return self._call(attempt, timeout, RETRY_UNANSWERED)
 
     def generate_stream(
         self,
@@ -538,7 +594,7 @@ class TokenFlowClient:
                 prompt, model, temperature, max_tokens, skip_cache, cache_ttl, cache_namespace
             )
         )
-        deadline = time.monotonic() + (timeout or self.timeout)
+        deadline = _deadline(timeout, self.timeout)
         attempt = 0
         while True:
             stream = self.stub.GenerateStream(
@@ -556,12 +612,13 @@ class TokenFlowClient:
                 code = _code(error)
                 if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise RateLimitExceeded(error) from None
-                delay = backoff_delay(attempt)
-                if received or not _should_retry(code, attempt, self.retries, delay, deadline):
+                policy = RETRY_NEVER if received else RETRY_UNANSWERED
+                wait = _retry_wait(error, policy, attempt, self.retries, deadline)
+                if wait is None:
                     raise
             finally:
                 stream.cancel()
-            time.sleep(delay)
+            time.sleep(wait)
             attempt += 1
 
     def stats(self, activity_limit: int = 0, timeout: float | None = None) -> pb.GetStatsResponse:
@@ -573,7 +630,7 @@ class TokenFlowClient:
             )
             return response
 
-        return self._call(attempt, timeout)
+        return self._call(attempt, timeout, RETRY_ANY)
 
     def simulate(self, count: int = 0, timeout: float | None = None) -> pb.SimulateResponse:
         request = pb.SimulateRequest(count=count)
@@ -584,7 +641,7 @@ class TokenFlowClient:
             )
             return response
 
-        return self._call(attempt, timeout or max(self.timeout, SIMULATE_TIMEOUT))
+        return self._call(attempt, timeout, RETRY_NEVER, max(self.timeout, SIMULATE_TIMEOUT))
 
     def watch(
         self,
