@@ -86,11 +86,14 @@ async def send_load(running: Running) -> pb.GetStatsResponse:
     return await running.client.stats()
 
 
-async def test_dashboard_shows_get_stats_figures(running_valkey: Running) -> None:
+@pytest.mark.parametrize("size", [SIZE, (80, 24)], ids=["120x40", "80x24"])
+async def test_dashboard_shows_get_stats_figures(
+    running_valkey: Running, size: tuple[int, int]
+) -> None:
     stats = await send_load(running_valkey)
     app = dashboard(running_valkey.address)
 
-    async with app.run_test(size=SIZE):
+    async with app.run_test(size=size):
         assert await wait_until(
             lambda: shown_tiles(app)["connection"] == "connected", POLL_SECONDS
         ), shown_tiles(app)
@@ -113,10 +116,21 @@ async def test_dashboard_shows_get_stats_figures(running_valkey: Running) -> Non
     )
     assert int(tiles["cached-keys"]) == stats.cache.cached_keys
     assert int(tiles["total-keys"]) == stats.total_keys
-    assert consumers == {c.client: c.requests for c in stats.rate_limit.top_consumers}
+    expected_consumers = {c.client: c.requests for c in stats.rate_limit.top_consumers}
+    if size == SIZE:
+        assert consumers == expected_consumers
+    else:
+        # A shorter panel shows the first rows of the list.
+        assert list(consumers.items()) == list(expected_consumers.items())[: len(consumers)]
+        assert len(consumers) >= 3
     assert keys == dict(stats.key_distribution)
     assert f"latest {stats.rate_limit.requests_per_minute}" in trend_title
-    assert feed[0].split()[2] == stats.activity[0].client
+    shown_client = feed[0].split()[2]
+    if size == SIZE:
+        assert shown_client == stats.activity[0].client
+    else:
+        # A narrow feed cuts long client names, with an ellipsis.
+        assert stats.activity[0].client.startswith(shown_client.removesuffix("…"))
 
 
 async def test_dashboard_simulate_key_sends_burst(running_valkey: Running) -> None:
