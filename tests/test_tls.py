@@ -36,21 +36,6 @@ HTTP_TIMEOUT = aiohttp.ClientTimeout(total=10.0)
 VALKEY_START_SECONDS = 10.0
 
 
-@pytest.fixture(scope="module")
-def certificates(tmp_path_factory: pytest.TempPathFactory) -> CertificateFiles:
-    return make_certificates(tmp_path_factory.mktemp("certs"))
-
-
-@pytest.fixture
-async def tls_server(start_server: Any, valkey_url: str, certificates: CertificateFiles) -> Running:
-    running: Running = await start_server(
-        valkey_url,
-        tls_cert=str(certificates.server_cert),
-        tls_key=str(certificates.server_key),
-    )
-    return running
-
-
 def client_context(ca_cert: Path) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(ca_cert))
 
