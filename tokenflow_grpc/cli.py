@@ -420,8 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate_parser.add_argument(
         "--cache-namespace",
         default="",
-        help="Share cached answers only within this namespace (default: the API key id, "
-        "or \"default\" when the server has no keys).",
+        help="Share cached responses only within this namespace (default: the API key id, "
+        'or "default" when the server has no keys).',
     )
     generate_parser.add_argument(
         "--stream",

@@ -20,8 +20,8 @@ from any error. watch() reconnects after a dropped stream and resumes after
 the last event it delivered, so no event still in the stream is lost or
 repeated.
 
-NOTE: a connection lost while a Generate runs cannot be told from one lost
-before it arrived, so that call may be retried and counted twice.
+NOTE: a connection lost while a Generate runs looks the same as one lost
+before the call arrived, so that call may be retried and counted twice.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def retry_delay(error: grpc.RpcError) -> float | None:
 
 def _answered(error: grpc.RpcError) -> bool:
     """Return True when TokenFlow's handler sent error: it adds x-request-id to
-    the trailing metadata of every answer, errors included."""
+    the trailing metadata of every response, errors included."""
     return any(key == REQUEST_ID_KEY for key, _ in _metadata(error, "trailing_metadata"))
 
 
@@ -181,7 +181,7 @@ def stream_request(request: pb.GenerateRequest) -> pb.GenerateStreamRequest:
     return pb.GenerateStreamRequest.FromString(request.SerializeToString())
 
 
-# Which UNAVAILABLE failures a method retries; see the module docstring.
+# Retry policies: the UNAVAILABLE failures a method retries (see the module docstring).
 RETRY_ANY = "any"
 RETRY_UNANSWERED = "unanswered"
 RETRY_NEVER = "never"

@@ -200,9 +200,7 @@ def parse_policies(text: str, source: str, settings: Settings) -> PolicySet:
             f"{source} has no [[policies]] tables; each policy needs a name, requests and a window"
         )
 
-    policies = [
-        _parse_entry(entry, index, source, settings) for index, entry in enumerate(entries)
-    ]
+    policies = [_parse_entry(entry, index, source, settings) for index, entry in enumerate(entries)]
     _check_unique_names(policies, source)
     defaults = [policy for policy in policies if policy.specificity == 0]
     if len(defaults) > 1:
@@ -233,9 +231,7 @@ def parse_duration(text: str) -> int:
         total += float(part.group(1)) * _UNIT_MS[part.group(2)]
         position = part.end()
     if not compact or position != len(compact):
-        raise ValueError(
-            f"expected a duration such as 500ms, 90s, 15m, 1h30m or 2d, got {text!r}"
-        )
+        raise ValueError(f"expected a duration such as 500ms, 90s, 15m, 1h30m or 2d, got {text!r}")
     return round(total)
 
 

@@ -43,8 +43,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TokenFlowService"].full_name
 # Health entry that reports Valkey itself, whatever the failure policy.
 VALKEY_HEALTH_NAME = "valkey"
 HEALTH_CHECK_SECONDS = 1.0
-# The health loop ends at its next pass once stopped; one pass can take a
-# Valkey timeout, so this bounds the wait for a loop whose cancel was lost.
+# A stopped health loop ends at its next pass. One pass can take a Valkey
+# timeout, so this bound leaves room for it when a cancel was lost.
 HEALTH_STOP_SECONDS = 10.0
 # Initial metadata sent once a WatchActivity stream is subscribed: events
 # recorded after the client receives it are delivered.
@@ -250,10 +250,10 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
         usage = Usage()
         async with contextlib.aclosing(stream):
             metadata = generate_metadata(stream.decision, stream.cache_key)
-            # The headers wait for the first chunk, so that a generator that
-            # fails before any text ends the call with its status alone, the
-            # rate-limit metadata in the trailers; an HTTP gateway can then
-            # answer with that status instead of a 200 stream.
+            # The headers wait for the first chunk. A generator that fails
+            # before any text then ends the call with its status alone, with
+            # the rate-limit metadata in the trailers, so an HTTP gateway can
+            # respond with that status instead of a 200 stream.
             chunks = aiter(stream)
             try:
                 chunk = await anext(chunks, None)
@@ -568,7 +568,7 @@ class TokenFlowServer:
         # stop() rejects new calls at once; ending the watch streams then lets
         # the drain finish without waiting the whole grace period for them.
         # The calls still draining need Valkey (single-flight waiters read the
-        # cache, generators store their answers), so the scripts close last.
+        # cache, generators store their responses), so the scripts close last.
         stopping = asyncio.create_task(self.server.stop(grace))
         await asyncio.sleep(0)
         await self.core.end_watches()

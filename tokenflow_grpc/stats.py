@@ -247,8 +247,8 @@ class KeyCensus:
     """The count of keys per kind, reused for max_age seconds.
 
     Counting walks the whole keyspace, so its cost grows with the number of
-    keys; reusing a recent count bounds how often GetStats pays it, however
-    many callers poll. Concurrent callers share one count in progress.
+    keys. Reusing a recent count bounds how often GetStats pays that cost,
+    however many callers poll. Concurrent callers share one count in progress.
     """
 
     def __init__(
