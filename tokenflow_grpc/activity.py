@@ -51,21 +51,6 @@ def parse_stream_id(text: str) -> tuple[int, int]:
     return parts
 
 
-def entry_fields(
-    kind: str, client: str, prompt: str, model: str, cached: bool, blocked: bool
-) -> dict[str, str]:
-    """Return the fields of one stream entry, as record_event in scripts/_common.lua
-    writes them; prompt is the excerpt."""
-    return {
-        "type": kind,
-        "client": client,
-        "prompt": prompt,
-        "model": model,
-        "cached": "1" if cached else "0",
-        "blocked": "1" if blocked else "0",
-    }
-
-
 @dataclass(frozen=True)
 class ActivityEvent:
     id: str
