@@ -7,15 +7,9 @@ import asyncio
 from typing import Any
 
 from tests.conftest import ManualClock, Running
-from tests.helpers import event_order
+from tests.helpers import event_order, stream_ids
 
 CONCURRENT_CALLS = 40
-
-
-async def stream_ids(running: Running) -> list[str]:
-    """Return the ids of every event in the server's activity stream, oldest first."""
-    entries = await running.core.redis.xrange(running.core.keys.activity)
-    return [entry_id for entry_id, _fields in entries]
 
 
 async def test_ids_number_events_from_two_servers(start_server: Any, backend: str) -> None:
