@@ -8,7 +8,8 @@ RateLimitExceeded, which carries the rate-limit figures and the delay the
 server asks for. generate_stream() retries UNAVAILABLE only until its first
 message, so no text is delivered twice. watch() reconnects after a dropped
 stream and resumes after the last event it delivered, so no event still in
-the stream is lost or repeated.
+the stream is lost or repeated, and the first response after the resume
+counts in `dropped` the events trimmed from the stream meanwhile.
 
 NOTE: a Generate retried after UNAVAILABLE may be counted twice by the
 limiter when the first attempt was admitted before it failed (the server
