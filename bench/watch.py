@@ -8,8 +8,9 @@ calls, --rate per second. Each call adds one event to the activity stream,
 and every watcher should receive each event once.
 
 The delivery latency of an event at a watcher is the time the watcher read
-it minus the event's time, the milliseconds part of its stream id, which
-Valkey sets when the script runs XADD. Both clocks are this machine's.
+it minus the event's time, the milliseconds part of its stream id: the
+server's clock when the Generate call began, or the newest event's time
+when that is later. Both clocks are this machine's.
 The result is one JSON object on stdout.
 
 measure_fan_out() runs this process and counts the server's Valkey

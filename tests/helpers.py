@@ -103,6 +103,12 @@ def event_order(event_id: str) -> tuple[int, int]:
     return int(milliseconds), int(sequence)
 
 
+async def stream_ids(running: Any) -> list[str]:
+    """Return the ids of every event in a running server's activity stream, oldest first."""
+    entries = await running.core.redis.xrange(running.core.keys.activity)
+    return [entry_id for entry_id, _fields in entries]
+
+
 async def wait_until(
     condition: Callable[[], bool], timeout: float = 10.0, interval: float = 0.02
 ) -> bool:

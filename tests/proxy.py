@@ -1,5 +1,6 @@
 """A TCP proxy on loopback that delays every byte Valkey sends back, so a test
-can cancel commands after they were sent and before their replies arrive."""
+can cancel commands after they were sent and before their replies arrive, and
+that can cut its clients off from Valkey while Valkey keeps running."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class DelayingProxy:
         self.reply_delay = reply_delay
         self.port = 0
         self.connections = 0
+        self.cut_off = False
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[None]] = set()
@@ -45,7 +47,20 @@ class DelayingProxy:
         if self._server is not None:
             await self._server.wait_closed()
 
+    def cut(self) -> None:
+        """Close every connection, and close each new one at once until restore()."""
+        self.cut_off = True
+        for writer in list(self._writers):
+            writer.close()
+
+    def restore(self) -> None:
+        """Forward new connections again."""
+        self.cut_off = False
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.cut_off:
+            writer.close()
+            return
         self.connections += 1
         handler = asyncio.current_task()
         if handler is not None:

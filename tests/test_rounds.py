@@ -29,7 +29,13 @@ MONITOR_TIMEOUT_SECONDS = 5.0
 # Commands without keys that TokenFlow or the test send besides the hot path:
 # health checks, topology refreshes, connection set-up and the test's markers.
 CONTROL_COMMANDS = {"PING", "ECHO", "CLUSTER", "INFO", "CLIENT", "HELLO", "COMMAND", "READONLY"}
-SCRIPTS = ("begin_generate", "limit_generate", "claim_generate", "complete_generate")
+SCRIPTS = (
+    "begin_generate",
+    "limit_generate",
+    "claim_generate",
+    "complete_generate",
+    "record_event",
+)
 
 # A command as (name, slot of its first key); EVALSHA is named after its script.
 Command = tuple[str, int]
@@ -93,8 +99,6 @@ class CommandRecorder:
         name = words[0].upper()
         if name == "EVALSHA":
             return self.script_names.get(words[1], words[1]), key_slot(words[3].encode())
-        if name == "XADD":
-            return "xadd", key_slot(words[1].encode())
         raise AssertionError(f"unexpected command on the hot path: {' '.join(words[:4])}")
 
 
@@ -172,14 +176,18 @@ async def test_cluster_one_round_per_slot(start_server: Any, valkey_cluster: Loc
     assert miss == [
         ("limit_generate", other_window),
         ("claim_generate", entry),
-        ("xadd", stream),
+        ("record_event", stream),
         ("complete_generate", entry),
     ]
-    assert hit == [("limit_generate", other_window), ("claim_generate", entry), ("xadd", stream)]
-    assert hit_one_shard == [("limit_generate", entry), ("xadd", stream)]
+    assert hit == [
+        ("limit_generate", other_window),
+        ("claim_generate", entry),
+        ("record_event", stream),
+    ]
+    assert hit_one_shard == [("limit_generate", entry), ("record_event", stream)]
     assert rejected.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert rejection == [("limit_generate", other_window), ("xadd", stream)]
-    assert skip == [("limit_generate", same_window), ("xadd", stream)]
+    assert rejection == [("limit_generate", other_window), ("record_event", stream)]
+    assert skip == [("limit_generate", same_window), ("record_event", stream)]
 
 
 async def test_single_valkey_one_round_per_hit(start_server: Any, valkey: ValkeyServer) -> None:

@@ -1,13 +1,27 @@
 """The activity stream: events in a capped Valkey stream, read by one reader
-per process and fanned out to watchers through bounded queues."""
+per process and fanned out to watchers through bounded queues.
+
+Each event's stream id is "<ms>-<n>", where n numbers the stream's events
+from 1 (record_event in scripts/_common.lua). A gap in the numbers is the
+count of events trimmed from the stream before they were read: by a watch
+that resumes with a since_id older than every event kept, or by the reader
+while it reconnects or falls behind. A watcher receives that count, plus the
+events its full queue lost, as the `dropped` of its next event.
+
+NOTE: when Valkey loses the stream's newest entries (a restart without
+persistence, a failover that lost writes), the numbering goes on from the
+newest entry left, so events lost across that point are not counted, or only
+in part.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +33,7 @@ from tokenflow_grpc.errors import (
     InvalidArgumentError,
     quoted,
 )
+from tokenflow_grpc.logs import RepeatLimiter
 from tokenflow_grpc.metrics import EVENTS_DROPPED, OPERATION_STREAM_READ, valkey_timer
 from tokenflow_grpc.tasks import stop_task
 
@@ -51,19 +66,10 @@ def parse_stream_id(text: str) -> tuple[int, int]:
     return parts
 
 
-def entry_fields(
-    kind: str, client: str, prompt: str, model: str, cached: bool, blocked: bool
-) -> dict[str, str]:
-    """Return the fields of one stream entry, as record_event in scripts/_common.lua
-    writes them; prompt is the excerpt."""
-    return {
-        "type": kind,
-        "client": client,
-        "prompt": prompt,
-        "model": model,
-        "cached": "1" if cached else "0",
-        "blocked": "1" if blocked else "0",
-    }
+def events_between(before: int, after: int) -> int:
+    """Return how many events were numbered between the sequence numbers before
+    and after; 0 when after is not greater, because the numbering started again."""
+    return max(after - before - 1, 0)
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,11 @@ class ActivityEvent:
     def order(self) -> tuple[int, int]:
         return parse_stream_id(self.id)
 
+    @property
+    def sequence(self) -> int:
+        """The event's number in the stream, counted from 1."""
+        return parse_stream_id(self.id)[1]
+
     @classmethod
     def from_entry(cls, entry_id: str, fields: dict[str, str]) -> ActivityEvent:
         return cls(
@@ -97,30 +108,98 @@ class ActivityEvent:
         )
 
 
+@dataclass(frozen=True)
+class Replay:
+    """The events after since_id that are still in the stream, oldest first.
+
+    counted_from is the sequence number from which the watch counts missed
+    events: that of the newest event at or before since_id that is still in
+    the stream. Without one, every event between since_id and the first one
+    replayed was trimmed, and counted_from is since_id's own.
+    """
+
+    since_id: str
+    events: list[ActivityEvent]
+    counted_from: int
+
+
+@dataclass(frozen=True)
+class Gap:
+    """Events trimmed from the stream before the reader read them: those
+    numbered after previous and before the entry at order."""
+
+    previous: int
+    order: tuple[int, int]
+
+
 @dataclass(eq=False)
 class Subscription:
-    """One watcher's bounded queue and the number of events it lost."""
+    """One watcher's bounded queue and the events it lost.
+
+    Until its watch starts (start_live), the reader cannot tell which events
+    the watch's replay delivers, so it keeps the order of each event that a
+    full queue lost, and the gaps, to count only those after the replay.
+    """
 
     queue: asyncio.Queue[ActivityEvent | None]
     types: frozenset[str]
+    # Events that a full queue lost, not yet reported to the watcher.
     dropped: int = 0
+    gaps: collections.deque[Gap] = field(default_factory=collections.deque)
+    # Set when the watch starts: it replayed every event up to this order.
+    replayed_through: tuple[int, int] | None = None
+    early_losses: list[tuple[int, int]] = field(default_factory=list)
 
-    def offer(self, event: ActivityEvent) -> None:
+    def offer(self, event: ActivityEvent, previous: int) -> None:
+        """Queue event, the reader's next entry after the one numbered previous."""
+        if self.replayed_through is not None and event.order <= self.replayed_through:
+            return
+        if events_between(previous, event.sequence):
+            self.gaps.append(Gap(previous, event.order))
         if self.types and event.type not in self.types:
             return
         try:
             self.queue.put_nowait(event)
         except asyncio.QueueFull:
-            self.dropped += 1
-            EVENTS_DROPPED.inc()
+            if self.replayed_through is None:
+                self.early_losses.append(event.order)
+            else:
+                self._lose(1)
+
+    def start_live(self, replayed_through: tuple[int, int]) -> None:
+        """Record that the watch replayed every event up to replayed_through,
+        and count the events a full queue lost after it."""
+        self.replayed_through = replayed_through
+        self._lose(sum(order > replayed_through for order in self.early_losses))
+        self.early_losses.clear()
+
+    def take_trimmed(self, order: tuple[int, int], counted: int | None) -> int:
+        """Return the number of events trimmed before the event at order, and
+        forget their gaps. counted: the sequence number through which the
+        watch has counted every event, or None when it has counted none."""
+        trimmed = 0
+        while self.gaps and self.gaps[0].order <= order:
+            gap = self.gaps.popleft()
+            if self.replayed_through is not None and gap.order <= self.replayed_through:
+                continue
+            sequence = gap.order[1]
+            previous = gap.previous
+            # A counted at or after the gap belongs to a numbering that started again.
+            if counted is not None and counted < sequence:
+                previous = max(previous, counted)
+            trimmed += events_between(previous, sequence)
+        return trimmed
 
     def end(self) -> None:
         """Make the watcher's stream finish after the events already queued."""
         if self.queue.full():
             self.queue.get_nowait()
-            self.dropped += 1
-            EVENTS_DROPPED.inc()
+            self._lose(1)
         self.queue.put_nowait(None)
+
+    def _lose(self, count: int) -> None:
+        self.dropped += count
+        EVENTS_DROPPED.inc(count)
 
 
 @dataclass
@@ -141,7 +220,8 @@ class ActivityHub:
 
     One reader task runs while at least one watcher is subscribed, so any
     number of watchers cost one Valkey connection. A watcher whose queue is
-    full loses the event and receives the number it lost with its next event.
+    full loses the event and receives the number it lost with its next event,
+    together with the events trimmed before the reader could read them.
     """
 
     def __init__(
@@ -163,6 +243,7 @@ class ActivityHub:
         self._stop_seconds = (block_ms or 0) / 1000 + _RETRY_MAX_SECONDS + 1.0
         self._subscribers: set[Subscription] = set()
         self._reader: _Reader | None = None
+        self._warnings = RepeatLimiter(logger)
 
     @property
     def watcher_count(self) -> int:
@@ -206,8 +287,8 @@ class ActivityHub:
             self._reader.stop()
             self._reader = None
 
-    async def replay(self, since_id: str) -> list[ActivityEvent]:
-        """Return the events after since_id that are still in the stream, oldest first.
+    async def replay(self, since_id: str) -> Replay:
+        """Return the events after since_id that are still in the stream.
 
         Subscribe first, so that no event falls between these and the live
         ones. Raises InvalidArgumentError when since_id comes after the
@@ -216,6 +297,11 @@ class ActivityHub:
         """
         after = parse_stream_id(since_id)
         try:
+            # Read before the events, so that an event trimmed in between
+            # shows as a gap in the numbers.
+            anchor = await self.redis.xrevrange(
+                self._stream_key, max=f"{after[0]}-{after[1]}", min="-", count=1
+            )
             entries = await self.redis.xrange(self._stream_key, min=since_id, max="+")
             newest = [] if entries else await self.redis.xrevrange(self._stream_key, count=1)
         except (RedisError, OSError) as error:
@@ -233,22 +319,38 @@ class ActivityHub:
                 ]
             )
         events = (ActivityEvent.from_entry(entry_id, fields) for entry_id, fields in entries)
-        return [event for event in events if event.order > after]
+        counted_from = parse_stream_id(anchor[0][0])[1] if anchor else after[1]
+        return Replay(since_id, [event for event in events if event.order > after], counted_from)
 
     async def watch(
-        self, subscription: Subscription, since_id: str = "", replayed: Sequence[ActivityEvent] = ()
+        self, subscription: Subscription, replay: Replay | None = None
     ) -> AsyncIterator[tuple[ActivityEvent, int]]:
-        """Yield (event, events dropped before it) for a subscribed watcher:
-        first the replayed events (from replay(since_id)), then live events,
-        each once and in stream order."""
-        last = parse_stream_id(since_id) if since_id else (0, 0)
+        """Yield (event, events missed before it) for a subscribed watcher:
+        first the events of replay, then live events, each once and in stream order.
+
+        The events missed are those the watcher's full queue lost, of its types
+        only, and those trimmed from the stream before this watch or the reader
+        read them, of every type, because a trimmed event's type is unknown.
+        A watch without replay counts from the reader's position when it
+        subscribed.
+        """
+        last = parse_stream_id(replay.since_id) if replay else (0, 0)
+        replayed = replay.events if replay else []
+        subscription.start_live(max(last, replayed[-1].order) if replayed else last)
+        # The sequence number through which this watch has counted every event.
+        counted = replay.counted_from if replay else None
+        missed = 0
         for event in replayed:
             if event.order <= last:
                 continue
             last = event.order
+            if counted is not None:
+                missed += events_between(counted, event.sequence)
+            counted = event.sequence
             if subscription.types and event.type not in subscription.types:
                 continue
-            yield event, 0
+            yield event, missed
+            missed = 0
 
         while True:
             queued = await subscription.queue.get()
@@ -257,8 +359,12 @@ class ActivityHub:
             if queued.order <= last:
                 continue
             last = queued.order
-            dropped, subscription.dropped = subscription.dropped, 0
-            yield queued, dropped
+            missed += subscription.take_trimmed(queued.order, counted)
+            counted = queued.sequence
+            missed += subscription.dropped
+            subscription.dropped = 0
+            yield queued, missed
+            missed = 0
 
     async def close(self) -> None:
         """End every watcher's stream and stop the reader."""
@@ -305,11 +411,34 @@ class ActivityHub:
             for _stream, entries in reply or []:
                 for entry_id, fields in entries:
                     event = ActivityEvent.from_entry(entry_id, fields)
+                    previous = parse_stream_id(last_id)[1]
+                    self._log_gap(last_id, entry_id)
                     for subscription in list(self._subscribers):
-                        subscription.offer(event)
+                        subscription.offer(event, previous)
                     last_id = entry_id
             if not reply and self._block_ms is None:
                 await asyncio.sleep(self._poll_seconds)
+
+    def _log_gap(self, last_id: str, entry_id: str) -> None:
+        """Log the events trimmed between two entries the reader read one after the other."""
+        previous, sequence = parse_stream_id(last_id)[1], parse_stream_id(entry_id)[1]
+        if sequence <= previous:
+            self._warnings.warning(
+                "numbering",
+                "activity stream numbering went back from %s to %s, because Valkey lost "
+                "its newest entries; events lost there are not counted in dropped",
+                last_id,
+                entry_id,
+            )
+        elif sequence > previous + 1:
+            self._warnings.warning(
+                "trimmed",
+                "activity reader missed %d events trimmed from the stream between %s and %s; "
+                "watchers receive the count in dropped",
+                events_between(previous, sequence),
+                last_id,
+                entry_id,
+            )
 
     async def _read_after(self, last_id: str) -> Any:
         if self._block_ms is None:

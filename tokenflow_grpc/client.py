@@ -18,7 +18,8 @@ A rejected Generate raises RateLimitExceeded, which carries the rate-limit
 figures and the delay the server asks for; retry_delay() reads that delay
 from any error. watch() reconnects after a dropped stream and resumes after
 the last event it delivered, so no event still in the stream is lost or
-repeated.
+repeated, and the first response after the resume counts in `dropped` the
+events trimmed from the stream meanwhile.
 
 NOTE: a connection lost while a Generate runs looks the same as one lost
 before the call arrived, so that call may be retried and counted twice.

@@ -144,7 +144,7 @@ class TokenFlow:
         self._warnings = RepeatLimiter(logger)
         self._lock_ttl_ms = int(LOCK_LEASE_SECONDS * 1000)
         self.rounds = CountedRounds(
-            rounds_for(redis, self.keys, self.scripts, settings, self._lock_ttl_ms)
+            rounds_for(self.keys, self.scripts, settings, self._lock_ttl_ms)
         )
         self._max_wait_seconds = settings.generator_timeout + _WAIT_MARGIN_SECONDS
 
@@ -561,7 +561,9 @@ class TokenFlow:
                 delay = min(delay * 2, _WAIT_POLL_MAX_SECONDS)
 
             try:
-                claimed = await self.rounds.claim(call, waiting=True)
+                # The event of this claim carries the time it was made.
+                claim = dataclasses.replace(call, now_ms=self.now_ms())
+                claimed = await self.rounds.claim(claim, waiting=True)
             except (RedisError, OSError) as error:
                 self._check_fail_open(error)
                 return Claimed(OUTCOME_SKIPPED, None, None)

@@ -80,6 +80,7 @@ class Scripts:
     release_lock: Script
     extend_lock: Script
     charge_tokens: Script
+    record_event: Script
     pipeline: AutoPipeline | None = None
 
     @classmethod
@@ -104,6 +105,7 @@ class Scripts:
             charge_tokens=Script(
                 redis, read_script("charge_tokens.lua", with_common=False), "charge_tokens"
             ),
+            record_event=Script(redis, read_script("record_event.lua"), "record_event"),
             pipeline=pipeline,
         )
 

@@ -25,7 +25,6 @@ from tokenflow_grpc.activity import (
     TYPE_CACHE_MISS,
     TYPE_RATE_LIMITED,
     TYPE_REQUEST,
-    entry_fields,
 )
 from tokenflow_grpc.generator import GenerationRequest
 from tokenflow_grpc.keys import KeySpace
@@ -175,13 +174,11 @@ class Rounds(Protocol):
         """
 
 
-def rounds_for(
-    redis: Any, keys: KeySpace, scripts: Scripts, settings: Settings, lock_ttl_ms: int
-) -> Rounds:
+def rounds_for(keys: KeySpace, scripts: Scripts, settings: Settings, lock_ttl_ms: int) -> Rounds:
     """Return the rounds that fit the key layout of keys."""
     if keys.shard_count == 1:
         return SingleSlotRounds(keys, scripts, settings, lock_ttl_ms)
-    return ShardedRounds(redis, keys, scripts, settings, lock_ttl_ms)
+    return ShardedRounds(keys, scripts, settings, lock_ttl_ms)
 
 
 class SingleSlotRounds:
@@ -243,6 +240,7 @@ class SingleSlotRounds:
                 call.client,
                 call.prompt_excerpt,
                 call.request.model,
+                call.now_ms,
             ],
         )
         outcome, cached_text, event_id = reply
@@ -256,15 +254,7 @@ class ShardedRounds:
     lost, because the call was already decided and counted in other slots.
     """
 
-    def __init__(
-        self,
-        redis: Any,
-        keys: KeySpace,
-        scripts: Scripts,
-        settings: Settings,
-        lock_ttl_ms: int,
-    ):
-        self.redis = redis
+    def __init__(self, keys: KeySpace, scripts: Scripts, settings: Settings, lock_ttl_ms: int):
         self.keys = keys
         self.scripts = scripts
         self.settings = settings
@@ -346,15 +336,19 @@ class ShardedRounds:
         if event is None:
             return None
         kind, cached, blocked = event
-        fields = entry_fields(
-            kind, call.client, call.prompt_excerpt, call.request.model, cached, blocked
-        )
         try:
-            event_id: str = await self.redis.xadd(
-                self.keys.activity,
-                fields,
-                maxlen=self.settings.activity_max_events,
-                approximate=True,
+            event_id: str = await self.scripts.record_event(
+                keys=[self.keys.activity],
+                args=[
+                    call.now_ms,
+                    self.settings.activity_max_events,
+                    kind,
+                    call.client,
+                    call.prompt_excerpt,
+                    call.request.model,
+                    "1" if cached else "0",
+                    "1" if blocked else "0",
+                ],
             )
         except (RedisError, OSError) as error:
             self._warnings.warning(

@@ -340,9 +340,9 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
             async with self.core.hub.subscription(types) as subscription:
                 # Replayed before the headers go out, so that a since_id that
                 # cannot be resumed fails with its status alone.
-                replayed = await self.core.hub.replay(since_id) if since_id else []
+                replay = await self.core.hub.replay(since_id) if since_id else None
                 await context.send_initial_metadata(WATCH_READY_METADATA)
-                events = self.core.hub.watch(subscription, since_id, replayed)
+                events = self.core.hub.watch(subscription, replay)
                 async for event, dropped in events:
                     message = event_message(event)
                     redact_prompts([message])

@@ -80,7 +80,8 @@ class ActivityFeed:
 
     def __init__(self, max_events: int = FEED_EVENTS) -> None:
         self.max_events = max_events
-        # Events the server dropped because this watcher fell behind.
+        # Events the server reported as missed: this watcher fell behind, or
+        # they were trimmed from the stream before they were read.
         self.dropped = 0
         self._events: dict[str, pb.ActivityEvent] = {}
 

@@ -1,12 +1,41 @@
 -- Functions shared by the Generate scripts; prepended to each of them when
 -- they are loaded, so every script stays one self-contained EVALSHA.
 
--- Append one activity event to the capped stream and return its id.
--- stream: stream key; cap: approximate number of entries kept (MAXLEN ~).
-local function record_event(stream, cap, kind, client, prompt, model, cached, blocked)
-  return redis.call('XADD', stream, 'MAXLEN', '~', cap, '*',
-    'type', kind, 'client', client, 'prompt', prompt, 'model', model,
-    'cached', cached, 'blocked', blocked)
+-- Write an integer as Valkey text. Valkey formats other Lua numbers with 14
+-- significant digits, which would round larger counts.
+local function whole(number)
+  return string.format('%.0f', number)
+end
+
+-- Append one activity event to the capped stream and return its id,
+-- "<ms>-<n>". n numbers the stream's events from 1, so the number of events
+-- trimmed between two ids is the difference of their n, less one. ms is now,
+-- or the newest entry's ms when that is later (another server's clock is
+-- ahead, or this one went back), so ids always increase. Both come from the
+-- newest entry, which MAXLEN ~ never trims.
+-- stream: stream key; now: ms since the Unix epoch;
+-- cap: approximate number of entries kept (MAXLEN ~).
+local function record_event(stream, now, cap, kind, client, prompt, model, cached, blocked)
+  local ms, n = now, 1
+  local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+  if newest then
+    local newest_ms, newest_n = string.match(newest[1], '^(%d+)%-(%d+)$')
+    ms = math.max(now, tonumber(newest_ms))
+    n = tonumber(newest_n) + 1
+  end
+  local function add(command, id)
+    return command('XADD', stream, 'MAXLEN', '~', cap, id,
+      'type', kind, 'client', client, 'prompt', prompt, 'model', model,
+      'cached', cached, 'blocked', blocked)
+  end
+  local id = add(redis.pcall, whole(ms) .. '-' .. whole(n))
+  if type(id) == 'table' and id.err then
+    -- The stream's last id is above its newest entry, because that entry
+    -- was deleted by hand. Valkey then chooses the id rather than fail the
+    -- call, and the numbering goes on from that id's sequence part.
+    id = add(redis.call, '*')
+  end
+  return id
 end
 
 -- Count one request in the stats keys of its shard.
@@ -20,12 +49,6 @@ local function count_request(counters, requests, consumers, second, client, stat
   redis.call('EXPIRE', requests, stats_ttl)
   redis.call('ZINCRBY', consumers, 1, client)
   redis.call('EXPIRE', consumers, stats_ttl)
-end
-
--- Write an integer as Valkey text. Valkey formats other Lua numbers with 14
--- significant digits, which would round larger counts.
-local function whole(number)
-  return string.format('%.0f', number)
 end
 
 -- Sliding log: the exact count of admitted requests in (now - window_ms, now].
@@ -238,15 +261,15 @@ end
 
 -- claim_entry, then record the event of a hit or a miss in stream.
 -- Returns {outcome, cached text or false, event id or false}, outcome as in claim_entry.
-local function claim(cache, lock, counters, stream, token, lock_ttl_ms, waiting, cap, client,
-                     prompt, model)
+local function claim(cache, lock, counters, stream, token, lock_ttl_ms, waiting, now, cap,
+                     client, prompt, model)
   local claimed = claim_entry(cache, lock, counters, token, lock_ttl_ms, waiting)
   if claimed[1] == 1 then
-    local id = record_event(stream, cap, 'cache_hit', client, prompt, model, '1', '0')
+    local id = record_event(stream, now, cap, 'cache_hit', client, prompt, model, '1', '0')
     return {1, claimed[2], id}
   end
   if claimed[1] == 2 then
-    local id = record_event(stream, cap, 'cache_miss', client, prompt, model, '0', '0')
+    local id = record_event(stream, now, cap, 'cache_miss', client, prompt, model, '0', '0')
     return {2, false, id}
   end
   return {3, false, false}

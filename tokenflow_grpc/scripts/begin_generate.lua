@@ -53,17 +53,17 @@ local reason, tokens_left, tokens_reset, shadow_rejected = decision[5], decision
   decision[8]
 
 if decision[1] == 0 then
-  local id = record_event(KEYS[8], cap, 'rate_limited', client, prompt, model, '0', '1')
+  local id = record_event(KEYS[8], now, cap, 'rate_limited', client, prompt, model, '0', '1')
   return {0, 0, reset, retry_after, false, id, reason, tokens_left, tokens_reset, 0}
 end
 
 if ARGV[10] == '0' then
   redis.call('HINCRBY', KEYS[4], 'misses', 1)
-  local id = record_event(KEYS[8], cap, 'request', client, prompt, model, '0', '0')
+  local id = record_event(KEYS[8], now, cap, 'request', client, prompt, model, '0', '0')
   return {4, remaining, reset, 0, false, id, reason, tokens_left, tokens_reset, shadow_rejected}
 end
 
-local claimed = claim(KEYS[2], KEYS[3], KEYS[4], KEYS[8], ARGV[4], ARGV[5], '0', cap, client,
-  prompt, model)
+local claimed = claim(KEYS[2], KEYS[3], KEYS[4], KEYS[8], ARGV[4], ARGV[5], '0', now, cap,
+  client, prompt, model)
 return {claimed[1], remaining, reset, 0, claimed[2], claimed[3], reason, tokens_left, tokens_reset,
   shadow_rejected}

@@ -16,6 +16,7 @@
 -- ARGV[5] client identity
 -- ARGV[6] prompt excerpt for the activity event
 -- ARGV[7] model
+-- ARGV[8] now, ms since the Unix epoch: the time of the activity event
 --
 -- Returns {outcome, cached text or false, event id or false}, outcome as in claim_entry().
 
@@ -23,5 +24,5 @@ if not KEYS[4] then
   local claimed = claim_entry(KEYS[1], KEYS[2], KEYS[3], ARGV[1], ARGV[2], ARGV[3])
   return {claimed[1], claimed[2], false}
 end
-return claim(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5],
-  ARGV[6], ARGV[7])
+return claim(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[8]),
+  ARGV[4], ARGV[5], ARGV[6], ARGV[7])

@@ -702,7 +702,10 @@ class ActivityEvent(_message.Message):
     BLOCKED_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    """The Valkey stream entry id, usable as `since_id` to resume."""
+    """The Valkey stream entry id, usable as `since_id` to resume. It is
+    "<ms>-<n>": the time in ms since the Unix epoch, and n, which numbers
+    the stream's events from 1.
+    """
     type: Global___ActivityType.ValueType
     """What happened."""
     client: _builtins.str
@@ -883,7 +886,8 @@ class WatchActivityRequest(_message.Message):
     TYPES_FIELD_NUMBER: _builtins.int
     since_id: _builtins.str
     """Resume after this event id; empty means new events only. Events older
-    than the stream's cap (about 100 events by default) are gone.
+    than the stream's cap (about 100 events by default) are gone, and the
+    first message counts them in `dropped`.
     """
     @_builtins.property
     def types(self) -> _containers.RepeatedScalarFieldContainer[Global___ActivityType.ValueType]:
@@ -912,8 +916,15 @@ class WatchActivityResponse(_message.Message):
     EVENT_FIELD_NUMBER: _builtins.int
     DROPPED_FIELD_NUMBER: _builtins.int
     dropped: _builtins.int
-    """Events this watcher missed since its previous message because it fell
-    behind.
+    """Events this watcher missed since its previous message: those lost while
+    its queue on the server was full, of the requested types only, and
+    those trimmed from the capped stream before they could be read, of
+    every type because a trimmed event's type is unknown. Trimmed events
+    count on a resume whose `since_id` is older than every event kept (a
+    `since_id` of the form "<ms>" or "<ms>-0" counts from the stream's
+    first event), and while the server's reader could not reach Valkey or
+    fell behind. Events lost when Valkey itself lost the stream's newest
+    entries (a restart without persistence) are not counted.
     """
     @_builtins.property
     def event(self) -> Global___ActivityEvent:

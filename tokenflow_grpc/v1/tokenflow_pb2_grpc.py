@@ -113,7 +113,8 @@ class TokenFlowServiceServicer:
 
     def WatchActivity(self, request, context):
         """WatchActivity streams activity events as they happen. A watcher that
-        falls behind loses events and is told how many in `dropped`.
+        falls behind, or resumes after events were trimmed from the stream, is
+        told how many it missed in `dropped`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -63,7 +63,8 @@ class TokenFlowServiceStub:
     """
     WatchActivity: _grpc.UnaryStreamMultiCallable[_tokenflow_pb2.WatchActivityRequest, _tokenflow_pb2.WatchActivityResponse]
     """WatchActivity streams activity events as they happen. A watcher that
-    falls behind loses events and is told how many in `dropped`.
+    falls behind, or resumes after events were trimmed from the stream, is
+    told how many it missed in `dropped`.
     """
 
 @_typing.type_check_only
@@ -101,7 +102,8 @@ class TokenFlowServiceAsyncStub(TokenFlowServiceStub):
     """
     WatchActivity: _aio.UnaryStreamMultiCallable[_tokenflow_pb2.WatchActivityRequest, _tokenflow_pb2.WatchActivityResponse]  # type: ignore[assignment]
     """WatchActivity streams activity events as they happen. A watcher that
-    falls behind loses events and is told how many in `dropped`.
+    falls behind, or resumes after events were trimmed from the stream, is
+    told how many it missed in `dropped`.
     """
 
 class TokenFlowServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -166,7 +168,8 @@ class TokenFlowServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_tokenflow_pb2.WatchActivityResponse], _abc.AsyncIterator[_tokenflow_pb2.WatchActivityResponse]]:
         """WatchActivity streams activity events as they happen. A watcher that
-        falls behind loses events and is told how many in `dropped`.
+        falls behind, or resumes after events were trimmed from the stream, is
+        told how many it missed in `dropped`.
         """
 
 def add_TokenFlowServiceServicer_to_server(servicer: TokenFlowServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -339,7 +339,7 @@ class ActivityFeed {
       this.missed += dropped;
       const note = $("feed-dropped");
       note.hidden = false;
-      note.textContent = `${formatCount(this.missed)} events were skipped: they came faster than the server could send them to this page.`;
+      note.textContent = `${formatCount(this.missed)} events were skipped: they came faster than the server could send them to this page, or left the capped activity stream before it read them.`;
     }
     if (reply.event) this.add(reply.event);
   }
