@@ -460,3 +460,33 @@ async def test_gateway_stop_with_open_stream(gateway: RunningGateway) -> None:
         await asyncio.wait_for(stopping, READ_SECONDS)
 
     assert stopping in done
+
+
+async def test_gateway_stop_lets_generate_stream_finish(
+    start_server: Any, valkey_url: str, start_gateway_for: Any
+) -> None:
+    generator = SlowStream()
+    running = await start_server(valkey_url, generator=generator)
+    gateway = await start_gateway_for(running.address)
+    watch = await open_watch(gateway)
+    response = await gateway.session.post(
+        gateway.url + GENERATE_STREAM_PATH,
+        json={"prompt": "finish me", "maxTokens": 5},
+        timeout=STREAM_TIMEOUT,
+    )
+    first = await read_json_line(response)
+
+    stopping = asyncio.create_task(gateway.server.stop())
+    watch_rest = await read_rest(watch)
+    rest = await read_rest(response)
+    await asyncio.wait_for(stopping, READ_SECONDS)
+
+    lines = [first, *(json.loads(line) for line in rest.splitlines())]
+    assert all("result" in line for line in lines), lines
+    assert lines[-1]["result"]["usage"]["completionTokens"] == 5
+    assert len(lines) == 6
+    assert generator.abandoned == 0
+    # A watch can resume, so it ends at once with an error line that says so.
+    watch_error = json.loads(watch_rest.splitlines()[-1])["error"]
+    assert watch_error["code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert "resume from the last event id" in watch_error["message"]

@@ -67,6 +67,9 @@ EVENT_STREAM = "text/event-stream"
 # A response with this field path gives each SSE event its id.
 EVENT_ID_PATH = ("event", "id")
 SSE_KEEPALIVE_SECONDS = 15.0
+# How long a stopping gateway lets its requests finish, as long as the gRPC
+# server's drain. Streams that can resume end at once instead.
+SHUTDOWN_GRACE_SECONDS = 10.0
 # Stream ids are two 20-digit numbers and a dash.
 MAX_EVENT_ID_LENGTH = 41
 HEALTH_TIMEOUT_SECONDS = 2.0
@@ -116,14 +119,18 @@ class Gateway:
         self.openapi = build_openapi(self.routes)
         self._callables = {route.grpc_path: self._callable(route) for route in self.routes}
         self._health = health_pb2_grpc.HealthStub(channel)
-        self._streams: set[Any] = set()
+        # Open gRPC streams; the value says whether the stream can resume.
+        self._streams: dict[Any, bool] = {}
         self.closing = False
 
     def end_streams(self) -> None:
-        """Cancel the open streams, which then end with an UNAVAILABLE error line."""
+        """Cancel the open streams that can resume (WatchActivity), which then
+        end with an UNAVAILABLE error line. The others (GenerateStream) run on
+        to their end, within the shutdown grace."""
         self.closing = True
-        for call in list(self._streams):
-            call.cancel()
+        for call, resumable in list(self._streams.items()):
+            if resumable:
+                call.cancel()
 
     def _callable(self, route: Route) -> Any:
         factory = self.channel.unary_stream if route.server_streaming else self.channel.unary_unary
@@ -245,13 +252,16 @@ class Gateway:
             setattr(message, RESUME_FIELD, last_event_id)
 
         call = self._callables[route.grpc_path](message, metadata=metadata, timeout=timeout)
-        self._streams.add(call)
+        resumable = RESUME_FIELD in message.DESCRIPTOR.fields_by_name
+        self._streams[call] = resumable
         try:
-            return await self._relay_stream(request, call, sse)
+            return await self._relay_stream(request, call, sse, resumable)
         finally:
-            self._streams.discard(call)
+            self._streams.pop(call, None)
 
-    async def _relay_stream(self, request: web.Request, call: Any, sse: bool) -> web.StreamResponse:
+    async def _relay_stream(
+        self, request: web.Request, call: Any, sse: bool, resumable: bool
+    ) -> web.StreamResponse:
         try:
             initial = await call.initial_metadata()
             if call.done() and await call.code() != grpc.StatusCode.OK:
@@ -282,12 +292,12 @@ class Gateway:
         except asyncio.CancelledError:
             if not self.closing:
                 raise  # The HTTP client went away.
-            await writer.error(
-                status_json(
-                    grpc.StatusCode.UNAVAILABLE,
-                    "the gateway is shutting down; reconnect and resume from the last event id",
-                )
+            message = (
+                "the gateway is shutting down; reconnect and resume from the last event id"
+                if resumable
+                else "the gateway shut down before the stream ended; send the request again"
             )
+            await writer.error(status_json(grpc.StatusCode.UNAVAILABLE, message))
         finally:
             call.cancel()
             if keepalive is not None:
@@ -402,6 +412,7 @@ class GatewayServer:
             # bodies.py decodes Content-Encoding, so that unsupported codings get 415.
             auto_decompress=False,
             logger=ProtocolLogger(),
+            shutdown_timeout=SHUTDOWN_GRACE_SECONDS,
         )
         self.port = 0
 
@@ -421,7 +432,8 @@ class GatewayServer:
         return self.port
 
     async def stop(self) -> None:
-        """Stop listening, end the open streams and wait for other requests to finish."""
+        """Stop listening, end the streams that can resume, and wait up to
+        SHUTDOWN_GRACE_SECONDS for the other requests to finish."""
         self.gateway.end_streams()
         await self.runner.cleanup()
         await self.gateway.channel.close()
