@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -459,7 +460,10 @@ async def test_tls_round_trip(scripted_server: Any) -> None:
     assert reply.response.response == "echo over TLS"
 
 
-async def test_watch_resumes_across_restart(valkey_url: str) -> None:
+async def test_watch_resumes_across_restart(
+    valkey_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tokenflow_grpc.client")
     port = free_port()
     settings = make_settings(valkey_url, grpc_address=f"127.0.0.1:{port}", rate_limit=100)
     # A second server on the same Valkey and prefix records events while the
@@ -499,6 +503,9 @@ async def test_watch_resumes_across_restart(valkey_url: str) -> None:
         await other.stop(0)
 
     assert received == [f"before {n}" for n in range(3)] + [f"during {n}" for n in range(3)]
+    reconnects = [r.getMessage() for r in caplog.records if r.name == "tokenflow_grpc.client"]
+    assert reconnects
+    assert all(message.startswith("watch stream lost (UNAVAILABLE") for message in reconnects)
 
 
 async def _wait_for_watcher(server: TokenFlowServer) -> None:

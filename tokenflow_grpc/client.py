@@ -28,6 +28,7 @@ before the call arrived, so that call may be retried and counted twice.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -63,6 +64,8 @@ CHANNEL_OPTIONS = (
 DETAILS_METADATA_KEY = "grpc-status-details-bin"
 
 Result = TypeVar("Result")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -240,6 +243,22 @@ def _channel_metadata(
 def _watch_ended(code: grpc.StatusCode | None, end: float | None) -> bool:
     """Return True when a watch stopped because its own timeout ran out."""
     return code == grpc.StatusCode.DEADLINE_EXCEEDED and end is not None
+
+
+def _reconnect_wait(error: grpc.RpcError, attempt: int, last_id: str) -> float:
+    """Return the wait before reconnecting a dropped watch, and log the reconnect,
+    so that a caller whose server stays away sees why its watch is silent."""
+    wait = backoff_delay(attempt)
+    details = error.details() if isinstance(error, (grpc.Call, grpc.aio.AioRpcError)) else ""
+    logger.warning(
+        "watch stream lost (%s: %s); reconnecting in %.1f s, attempt %d, resuming after %s",
+        getattr(_code(error), "name", "UNKNOWN"),
+        details,
+        wait,
+        attempt + 1,
+        last_id or "the newest event",
+    )
+    return wait
 
 
 def _resume_point(stats: pb.GetStatsResponse) -> str:
@@ -473,9 +492,10 @@ class AsyncTokenFlowClient:
                 expired = end is not None and time.monotonic() >= end
                 if not reconnect or error.code() not in RETRYABLE or expired:
                     raise
+                wait = _reconnect_wait(error, attempt, last_id)
             finally:
                 call.cancel()
-            await asyncio.sleep(backoff_delay(attempt))
+            await asyncio.sleep(wait)
             attempt += 1
 
     async def _newest_event_id(self) -> str:
@@ -673,9 +693,10 @@ class TokenFlowClient:
                 expired = end is not None and time.monotonic() >= end
                 if not reconnect or code not in RETRYABLE or expired:
                     raise
+                wait = _reconnect_wait(error, attempt, last_id)
             finally:
                 stream.cancel()
-            time.sleep(backoff_delay(attempt))
+            time.sleep(wait)
             attempt += 1
 
     def _newest_event_id(self) -> str:
