@@ -141,6 +141,9 @@ async def test_node_generate_miss_then_hit(running_valkey: Running) -> None:
     assert prompt in miss["response"]
     assert hit["cacheKey"] == miss["cacheKey"]
     assert len(running_valkey.generator.requests) == 1
+    # Unset message fields are left out, as the Python command leaves them out.
+    assert "tokenBudget" not in miss
+    assert "null" not in first.stdout
 
     assert miss["rateLimit"]["limit"] == 10
     assert miss["rateLimit"]["remaining"] == 9

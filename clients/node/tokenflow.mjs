@@ -128,6 +128,13 @@ protobuf.wrappers[".google.protobuf.Duration"] = {
   },
 };
 
+// Return a message as one line of JSON. Unset message and optional fields,
+// which proto-loader gives as null, are left out, as protobuf's JSON mapping
+// and the Python client leave them out.
+function toJson(message) {
+  return JSON.stringify(message, (key, value) => (value === null ? undefined : value));
+}
+
 // Return nanoseconds as ".250", ".250001" or ".250000001" (3, 6 or 9 digits),
 // or "" for none.
 function fraction(nanos) {
@@ -285,7 +292,7 @@ function generate(client, metadata, positionals, options) {
         resolve(1);
         return;
       }
-      console.log(JSON.stringify(response));
+      console.log(toJson(response));
       printRateLimit(headers);
       resolve(0);
     });
@@ -308,7 +315,7 @@ function stats(client, metadata, positionals, options) {
         resolve(1);
         return;
       }
-      console.log(JSON.stringify(response));
+      console.log(toJson(response));
       resolve(0);
     });
   });
@@ -335,7 +342,7 @@ async function watch(client, metadata, positionals, options, activityTypes) {
   let printed = 0;
   try {
     for await (const response of call) {
-      console.log(JSON.stringify(response));
+      console.log(toJson(response));
       printed += 1;
       if (count && printed >= count) {
         call.cancel();
