@@ -11,6 +11,7 @@ replies to PING, the Redis server at 127.0.0.1:6379.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
@@ -38,6 +39,10 @@ CLUSTER_URLS: set[str] = set()
 
 
 def _redis_answers() -> bool:
+    """Return True when the local Redis answers PING and the run may use it
+    (TOKENFLOW_TEST_LOCAL_REDIS=0 keeps the tests off it)."""
+    if os.environ.get("TOKENFLOW_TEST_LOCAL_REDIS", "1") == "0":
+        return False
     try:
         with socket.create_connection(LOCAL_REDIS, timeout=0.2) as connection:
             connection.sendall(b"PING\r\n")
@@ -136,7 +141,7 @@ def backend(request: pytest.FixtureRequest, valkey: ValkeyServer) -> str:
         cluster: LocalCluster = request.getfixturevalue("valkey_cluster")
         return cluster.url
     if not _redis_answers():
-        pytest.skip("no Redis server answers at 127.0.0.1:6379")
+        pytest.skip("no Redis server answers at 127.0.0.1:6379, or TOKENFLOW_TEST_LOCAL_REDIS=0")
     return "redis://127.0.0.1:6379/0"
 
 
