@@ -24,8 +24,9 @@ from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
-from tests.conftest import Running, make_settings
+from tests.conftest import CountingGenerator, Running, make_settings
 from tests.helpers import ActivityWatch
+from tokenflow_grpc.client import AsyncTokenFlowClient
 from tokenflow_grpc.server import TokenFlowServer
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
@@ -110,6 +111,35 @@ async def test_health_serving(running_valkey: Running, service: str) -> None:
     reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5.0)
 
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_drain_timeout_ends_calls_as_counted(valkey_url: str) -> None:
+    settings = make_settings(valkey_url, rate_limit=100)
+    generator = CountingGenerator(latency=5.0)
+    server = TokenFlowServer(settings, generator=generator)
+    await server.start()
+    other = TokenFlowServer(make_settings(valkey_url, key_prefix=settings.key_prefix))
+    await other.start()
+    try:
+        async with AsyncTokenFlowClient(f"127.0.0.1:{server.port}", retries=5) as client:
+            calling = asyncio.ensure_future(client.generate("too slow to drain", timeout=20))
+            await asyncio.sleep(0.5)
+            started = time.monotonic()
+            await server.stop(grace=0.5)
+            stop_seconds = time.monotonic() - started
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await calling
+        async with AsyncTokenFlowClient(f"127.0.0.1:{other.port}") as observer:
+            stats = await observer.stats()
+    finally:
+        await other.stop(0)
+
+    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "it was already counted" in (caught.value.details() or "")
+    # Not sent again: one call, one request counted, one generator run.
+    assert stats.rate_limit.requests_total == 1
+    assert len(generator.requests) == 1
+    assert stop_seconds < 2.0
 
 
 async def read_to_end(call: Any) -> list[int]:

@@ -152,7 +152,7 @@ async def _serve_one(settings: Settings, embedded: EmbeddedValkey | None) -> Non
         gateway = await _start_gateway(settings, target)
         await signals.first.wait()
         grace = SHUTDOWN_GRACE_SECONDS
-        signals.on_second(lambda: asyncio.ensure_future(server.server.stop(0)))
+        signals.on_second(server.end_calls_now)
     finally:
         stopping = [server.stop(grace)]
         if gateway is not None:

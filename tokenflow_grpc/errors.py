@@ -71,6 +71,10 @@ class BackendUnavailableError(TokenFlowError):
     """Valkey could not be reached and the policy is to fail closed."""
 
 
+class ServerStoppingError(TokenFlowError):
+    """The server's drain ran out, or a second signal came, before the call finished."""
+
+
 class GeneratorError(TokenFlowError):
     """The generator failed; the call may succeed when retried later.
 

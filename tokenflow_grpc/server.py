@@ -17,7 +17,7 @@ from tokenflow_grpc import validation
 from tokenflow_grpc.activity import ActivityEvent, ActivityHub
 from tokenflow_grpc.auth import current_key, interceptors_for, redact_prompts
 from tokenflow_grpc.core import Clock, GenerateOptions, GenerateResult, TokenFlow
-from tokenflow_grpc.errors import TokenFlowError
+from tokenflow_grpc.errors import ServerStoppingError, TokenFlowError
 from tokenflow_grpc.generator import GenerationRequest, Generator, SimulatedGenerator, Usage
 from tokenflow_grpc.health_service import HealthService
 from tokenflow_grpc.identity import client_identity
@@ -43,6 +43,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TokenFlowService"].full_name
 # Health entry that reports Valkey itself, whatever the failure policy.
 VALKEY_HEALTH_NAME = "valkey"
 HEALTH_CHECK_SECONDS = 1.0
+# Time that Generate calls ended by the server get to send their UNAVAILABLE
+# before gRPC cancels whatever still runs.
+CALL_END_SECONDS = 1.0
 # A stopped health loop ends at its next pass. One pass can take a Valkey
 # timeout, so this bound leaves room for it when a cancel was lost.
 HEALTH_STOP_SECONDS = 10.0
@@ -175,6 +178,39 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
         )
         self.watchers = WatcherLimit(settings.max_watchers_per_client)
         self.simulate_limit = SimulateLimit(core.redis, core.keys, settings, core.now_ms)
+        # The tasks of the Generate calls running. When the drain runs out,
+        # end_calls() cancels them and each ends with its own UNAVAILABLE,
+        # which tells clients that the call was counted; gRPC's cancellation
+        # at the end of server.stop() would not.
+        self._calls: set[asyncio.Task[Any]] = set()
+        self.ending_calls = False
+
+    def end_calls(self) -> None:
+        """End every Generate and GenerateStream call still running."""
+        self.ending_calls = True
+        for task in list(self._calls):
+            task.cancel()
+
+    @contextlib.asynccontextmanager
+    async def _until_stopped(self) -> AsyncIterator[None]:
+        """Run the block as a call that end_calls() ends with ServerStoppingError."""
+        task = asyncio.current_task()
+        if task is None:
+            yield
+            return
+        self._calls.add(task)
+        try:
+            yield
+        except asyncio.CancelledError:
+            if not self.ending_calls:
+                raise
+            task.uncancel()
+            raise ServerStoppingError(
+                "the server stopped before this call finished; it was already counted, "
+                "so sending it again counts it again"
+            ) from None
+        finally:
+            self._calls.discard(task)
 
     def client_of(self, context: grpc.aio.ServicerContext[Any, Any]) -> str:
         """Return the call's API key identity, or else its address (x-forwarded-for
@@ -193,8 +229,9 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GenerateResponse:
         try:
-            generation, options = self._generate_call(request, context)
-            result = await self.core.generate(generation, self.client_of(context), options)
+            async with self._until_stopped():
+                generation, options = self._generate_call(request, context)
+                result = await self.core.generate(generation, self.client_of(context), options)
         except TokenFlowError as error:
             await abort(context, error, self.worker_metadata)
         if self.worker_metadata:
@@ -240,8 +277,9 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
         self, request: pb.GenerateStreamRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         try:
-            generation, options = self._generate_call(request, context)
-            stream = await self.core.open_stream(generation, self.client_of(context), options)
+            async with self._until_stopped():
+                generation, options = self._generate_call(request, context)
+                stream = await self.core.open_stream(generation, self.client_of(context), options)
         except TokenFlowError as error:
             await abort(context, error, self.worker_metadata)
         if self.worker_metadata:
@@ -256,7 +294,8 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
             # respond with that status instead of a 200 stream.
             chunks = aiter(stream)
             try:
-                chunk = await anext(chunks, None)
+                async with self._until_stopped():
+                    chunk = await anext(chunks, None)
             except TokenFlowError as error:
                 await abort(context, error, (*metadata, *self.worker_metadata))
             await context.send_initial_metadata(metadata)
@@ -266,7 +305,8 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
                         usage = chunk.usage
                     if chunk.text:
                         yield pb.GenerateStreamResponse(delta=chunk.text)
-                    chunk = await anext(chunks, None)
+                    async with self._until_stopped():
+                        chunk = await anext(chunks, None)
             except TokenFlowError as error:
                 await abort(context, error, self.worker_metadata)
 
@@ -475,6 +515,7 @@ class TokenFlowServer:
         )
         self.metrics = MetricsServer(settings.metrics_address) if settings.metrics_address else None
         self.health = HealthService()
+        self.servicer = TokenFlowServicer(self.core, self.settings, self.worker_id)
         self.monitor = HealthMonitor(core, self.health, settings, on_valkey_down)
         self.port = 0
 
@@ -510,9 +551,7 @@ class TokenFlowServer:
 
     async def start(self) -> int:
         """Bind, register services and start serving; return the bound port."""
-        pb_grpc.add_TokenFlowServiceServicer_to_server(
-            TokenFlowServicer(self.core, self.settings, self.worker_id), self.server
-        )
+        pb_grpc.add_TokenFlowServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         enable_reflection(self.server, [SERVICE_NAME, health.SERVICE_NAME])
 
@@ -560,6 +599,13 @@ class TokenFlowServer:
         """Read --policies-file again; see TokenFlow.reload_policies."""
         return self.core.reload_policies()
 
+    def end_calls_now(self) -> None:
+        """End the Generate calls still running, as when the drain runs out,
+        and cancel every other call CALL_END_SECONDS later."""
+        logger.warning("ending the calls still running")
+        self.servicer.end_calls()
+        asyncio.ensure_future(self.server.stop(CALL_END_SECONDS))
+
     async def stop(self, grace: float = 10.0) -> None:
         """Report NOT_SERVING, drain in-flight calls for up to grace seconds, then close."""
         logger.info("TokenFlow stopping: draining calls for up to %g s", grace)
@@ -569,9 +615,13 @@ class TokenFlowServer:
         # the drain finish without waiting the whole grace period for them.
         # The calls still draining need Valkey (single-flight waiters read the
         # cache, generators store their responses), so the scripts close last.
-        stopping = asyncio.create_task(self.server.stop(grace))
+        stopping = asyncio.create_task(self.server.stop(grace + CALL_END_SECONDS))
         await asyncio.sleep(0)
         await self.core.end_watches()
+        drained, _ = await asyncio.wait({stopping}, timeout=grace)
+        if not drained:
+            logger.warning("the %g s drain ran out: ending the calls still running", grace)
+            self.servicer.end_calls()
         await stopping
         await self.core.close()
         if self.metrics is not None:

@@ -17,6 +17,7 @@ from tokenflow_grpc.errors import (
     PermissionDeniedError,
     QuotaExceededError,
     RateLimitedError,
+    ServerStoppingError,
     TokenFlowError,
     UnauthenticatedError,
     UpstreamRefusedError,
@@ -147,7 +148,7 @@ def to_status(error: TokenFlowError) -> tuple[grpc.StatusCode, str, list[tuple[s
         metadata.extend(quota_metadata)
     elif isinstance(error, InvalidArgumentError):
         status = _invalid_argument(error)
-    elif isinstance(error, BackendUnavailableError):
+    elif isinstance(error, (BackendUnavailableError, ServerStoppingError)):
         status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=str(error))
     elif isinstance(error, GeneratorError):
         status, generator_metadata = _generator_failed(error)
