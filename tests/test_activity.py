@@ -136,12 +136,12 @@ async def test_watch_resume_since_id(start_server: Any, valkey_url: str) -> None
     assert following.prompt == "resume 10"
 
 
-async def test_watch_since_id_after_newest_is_invalid(running_valkey: Running) -> None:
+async def test_watch_since_id_far_ahead_is_invalid(running_valkey: Running) -> None:
     await running_valkey.client.generate("the newest event")
     newest = (await running_valkey.client.stats(activity_limit=1)).activity[0].id
-    millis, _ = event_order(newest)
+    millis, sequence = event_order(newest)
     stub = pb_grpc.TokenFlowServiceStub(running_valkey.channel())
-    ahead = f"{millis + 60_000}-0"
+    ahead = f"{millis + 600_000}-0"
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         async for _ in stub.WatchActivity(pb.WatchActivityRequest(since_id=ahead), timeout=10.0):
@@ -149,12 +149,19 @@ async def test_watch_since_id_after_newest_is_invalid(running_valkey: Running) -
 
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = caught.value.details() or ""
-    assert f"since_id: '{ahead}' is after the newest event, {newest}" in details
-    # The newest id itself is a valid resume point with nothing to replay.
-    current = await ActivityWatch.open(running_valkey.channel(), since_id=newest)
-    await running_valkey.client.generate("after the newest")
-    assert (await current.next()).event.prompt == "after the newest"
-    await current.close()
+    assert f"since_id: '{ahead}' is 600 s ahead of the server's clock" in details
+    # The newest id, and one just after it (as a stream that lost its newest
+    # events leaves with its clients), are valid resume points.
+    for steps_ahead in (0, 5):
+        newest = (await running_valkey.client.stats(activity_limit=1)).activity[0].id
+        millis, sequence = event_order(newest)
+        since_id = f"{millis}-{sequence + steps_ahead}"
+        current = await ActivityWatch.open(running_valkey.channel(), since_id=since_id)
+        # The next event's id then has a later millisecond, so it passes since_id.
+        await asyncio.sleep(0.01)
+        await running_valkey.client.generate(f"after {since_id}")
+        assert (await current.next()).event.prompt == f"after {since_id}"
+        await current.close()
 
 
 async def test_watch_types_filter(start_server: Any, valkey_url: str) -> None:

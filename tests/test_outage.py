@@ -282,13 +282,16 @@ async def test_recovery_after_restart(own_valkey: RestartableValkey, start_serve
     assert [event.prompt for event in received] == recorded_prompts
 
 
-async def test_watch_resume_during_outage(own_valkey: RestartableValkey, start_server: Any) -> None:
+@pytest.mark.parametrize("other_watcher", [True, False], ids=["reader-running", "only-watcher"])
+async def test_watch_resume_during_outage(
+    own_valkey: RestartableValkey, start_server: Any, other_watcher: bool
+) -> None:
     running: Running = await start_server(own_valkey.url)
     await running.client.generate("before the outage")
     since_id = (await running.client.stats(activity_limit=1)).activity[0].id
-    # A watcher already open keeps the reader subscribed, so the next watch
-    # goes straight to reading the events after its since_id.
-    first = await ActivityWatch.open(running.channel())
+    # A watcher already open keeps the reader subscribed; without one, the
+    # resume would wait for the reader to reach Valkey.
+    first = await ActivityWatch.open(running.channel()) if other_watcher else None
     own_valkey.stop()
     stub = pb_grpc.TokenFlowServiceStub(running.channel())
     started = time.monotonic()
@@ -299,7 +302,8 @@ async def test_watch_resume_during_outage(own_valkey: RestartableValkey, start_s
         ):
             pass
     seconds = time.monotonic() - started
-    await first.close()
+    if first is not None:
+        await first.close()
 
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "retry with the same since_id" in (caught.value.details() or "")

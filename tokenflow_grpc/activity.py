@@ -51,6 +51,11 @@ STREAM_ID = re.compile(r"\d{1,20}(-\d{1,20})?")
 MAX_STREAM_ID_PART = 2**64 - 1
 
 _READ_COUNT = 500
+# How far ahead of the server's clock a since_id's time may be. Servers'
+# clocks differ a little, and a stream that lost its newest events (a
+# failover, a restore) leaves clients holding ids a little ahead of it;
+# such a watch waits until new events pass the id.
+SINCE_ID_AHEAD_MS = 60_000
 _RETRY_MIN_SECONDS = 0.05
 _RETRY_MAX_SECONDS = 2.0
 
@@ -287,15 +292,26 @@ class ActivityHub:
             self._reader.stop()
             self._reader = None
 
-    async def replay(self, since_id: str) -> Replay:
+    async def replay(self, since_id: str, now_ms: int) -> Replay:
         """Return the events after since_id that are still in the stream.
 
         Subscribe first, so that no event falls between these and the live
-        ones. Raises InvalidArgumentError when since_id comes after the
-        newest event, which no watch could ever pass, and
-        BackendUnavailableError when Valkey cannot be read.
+        ones. Raises InvalidArgumentError when since_id's time is more than
+        SINCE_ID_AHEAD_MS after now_ms, so that no event would pass it for
+        that long, and BackendUnavailableError when Valkey cannot be read.
         """
         after = parse_stream_id(since_id)
+        ahead_ms = after[0] - now_ms
+        if ahead_ms > SINCE_ID_AHEAD_MS:
+            raise InvalidArgumentError(
+                [
+                    FieldViolation(
+                        "since_id",
+                        f"{quoted(since_id)} is {ahead_ms / 1000:.0f} s ahead of the server's "
+                        "clock, and an event id holds the time its event was recorded",
+                    )
+                ]
+            )
         try:
             # Read before the events, so that an event trimmed in between
             # shows as a gap in the numbers.
@@ -303,21 +319,11 @@ class ActivityHub:
                 self._stream_key, max=f"{after[0]}-{after[1]}", min="-", count=1
             )
             entries = await self.redis.xrange(self._stream_key, min=since_id, max="+")
-            newest = [] if entries else await self.redis.xrevrange(self._stream_key, count=1)
         except (RedisError, OSError) as error:
             raise BackendUnavailableError(
                 f"cannot read the activity stream after since_id {quoted(since_id)}: "
                 f"Valkey is unreachable ({error}); retry with the same since_id"
             ) from error
-        if newest and after > parse_stream_id(newest[0][0]):
-            raise InvalidArgumentError(
-                [
-                    FieldViolation(
-                        "since_id",
-                        f"{quoted(since_id)} is after the newest event, {newest[0][0]}",
-                    )
-                ]
-            )
         events = (ActivityEvent.from_entry(entry_id, fields) for entry_id, fields in entries)
         counted_from = parse_stream_id(anchor[0][0])[1] if anchor else after[1]
         return Replay(since_id, [event for event in events if event.order > after], counted_from)

@@ -17,7 +17,7 @@ from tokenflow_grpc import validation
 from tokenflow_grpc.activity import ActivityEvent, ActivityHub
 from tokenflow_grpc.auth import current_key, interceptors_for, redact_prompts
 from tokenflow_grpc.core import Clock, GenerateOptions, GenerateResult, TokenFlow
-from tokenflow_grpc.errors import ServerStoppingError, TokenFlowError
+from tokenflow_grpc.errors import BackendUnavailableError, ServerStoppingError, TokenFlowError
 from tokenflow_grpc.generator import GenerationRequest, Generator, SimulatedGenerator, Usage
 from tokenflow_grpc.health_service import HealthService
 from tokenflow_grpc.identity import client_identity
@@ -366,12 +366,28 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
             ],
         )
 
+    async def _check_replay_reachable(self, since_id: str) -> None:
+        """Raise BackendUnavailableError when Valkey is unreachable.
+
+        A watch without since_id waits for Valkey to return; one with it
+        must read its replay, so it fails at once and can be retried, rather
+        than wait in the subscription for as long as the outage lasts.
+        """
+        error = await self.core.valkey_error()
+        if error is not None:
+            raise BackendUnavailableError(
+                f"cannot read the activity stream after since_id {since_id!r}: "
+                f"Valkey is unreachable ({error}); retry with the same since_id"
+            )
+
     async def WatchActivity(
         self, request: pb.WatchActivityRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchActivityResponse]:
         client = self.client_of(context)
         try:
             since_id, types = validation.watch_filter(request)
+            if since_id:
+                await self._check_replay_reachable(since_id)
             self.watchers.acquire(client)
         except TokenFlowError as error:
             await abort(context, error)
@@ -380,7 +396,9 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
             async with self.core.hub.subscription(types) as subscription:
                 # Replayed before the headers go out, so that a since_id that
                 # cannot be resumed fails with its status alone.
-                replay = await self.core.hub.replay(since_id) if since_id else None
+                replay = (
+                    await self.core.hub.replay(since_id, self.core.now_ms()) if since_id else None
+                )
                 await context.send_initial_metadata(WATCH_READY_METADATA)
                 events = self.core.hub.watch(subscription, replay)
                 async for event, dropped in events:
