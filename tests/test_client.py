@@ -21,7 +21,7 @@ from cryptography.x509.oid import NameOID
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from tests.conftest import CountingGenerator, make_settings
+from tests.conftest import CountingGenerator, Running, make_settings
 from tests.helpers import free_port
 from tokenflow_grpc.client import (
     AsyncTokenFlowClient,
@@ -285,14 +285,27 @@ async def test_sync_client_codes_and_deadline(scripted_server: Any, start_server
     assert seconds < 1.5
 
 
-@pytest.mark.parametrize("timeout", [0, -1.0])
-async def test_timeout_must_be_positive(scripted_server: Any, timeout: float) -> None:
+@pytest.mark.parametrize("timeout", [0, -1.0, float("nan"), float("inf"), 1e10])
+async def test_timeout_out_of_range_rejected(scripted_server: Any, timeout: float) -> None:
     servicer, target = await scripted_server([])
     async with AsyncTokenFlowClient(target) as client:
-        with pytest.raises(ValueError, match="timeout must be a positive number"):
-            await client.generate("no deadline at all", timeout=timeout)
+        with pytest.raises(ValueError, match="timeout must be a number of seconds above 0"):
+            await client.generate("no usable deadline", timeout=timeout)
+        with pytest.raises(ValueError, match="timeout must be a number of seconds above 0"):
+            async for _ in client.watch(since_id="1-0", timeout=timeout):
+                pass
 
     assert servicer.calls == []
+
+
+async def test_size_rejection_is_not_a_rate_limit(running_valkey: Running) -> None:
+    # gRPC itself rejects a message over the server's limit with RESOURCE_EXHAUSTED.
+    async with AsyncTokenFlowClient(running_valkey.address) as client:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await client.generate("x" * (running_valkey.settings.max_message_bytes + 1))
+
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert not isinstance(caught.value, RateLimitExceeded)
 
 
 def test_backoff_grows_and_is_capped() -> None:

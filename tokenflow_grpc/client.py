@@ -46,6 +46,8 @@ from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT = 10.0
 SIMULATE_TIMEOUT = 120.0
+# One year: gRPC turns much longer deadlines into an immediate DEADLINE_EXCEEDED.
+MAX_TIMEOUT_SECONDS = 365 * 24 * 3600.0
 DEFAULT_RETRIES = 3
 BACKOFF_FIRST_SECONDS = 0.1
 BACKOFF_MAX_SECONDS = 2.0
@@ -206,12 +208,25 @@ def _retry_wait(
     return wait
 
 
+def _checked_timeout(seconds: float) -> float:
+    """Return seconds; raise ValueError unless 0 < seconds <= MAX_TIMEOUT_SECONDS."""
+    if not 0 < seconds <= MAX_TIMEOUT_SECONDS:
+        raise ValueError(
+            f"timeout must be a number of seconds above 0 and at most "
+            f"{MAX_TIMEOUT_SECONDS:g}, got {seconds!r}"
+        )
+    return seconds
+
+
 def _deadline(timeout: float | None, default: float) -> float:
     """Return the monotonic deadline of a call; None means default seconds."""
-    seconds = default if timeout is None else timeout
-    if not seconds > 0:
-        raise ValueError(f"timeout must be a positive number of seconds, got {seconds!r}")
-    return time.monotonic() + seconds
+    return time.monotonic() + _checked_timeout(default if timeout is None else timeout)
+
+
+def _rate_limited(error: grpc.RpcError) -> bool:
+    """Return True when the server's limiter rejected the call. gRPC's own
+    RESOURCE_EXHAUSTED (a message or metadata over its size limit) is not."""
+    return _code(error) == grpc.StatusCode.RESOURCE_EXHAUSTED and _answered(error)
 
 
 def backoff_delay(attempt: int, rng: random.Random | None = None) -> float:
@@ -369,7 +384,7 @@ class AsyncTokenFlowClient:
             try:
                 response = await call
             except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                if _rate_limited(error):
                     raise RateLimitExceeded(error) from None
                 raise
             headers = RateLimitInfo.from_metadata(
@@ -421,7 +436,7 @@ class AsyncTokenFlowClient:
                     yield message
                 return
             except grpc.aio.AioRpcError as error:
-                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                if _rate_limited(error):
                     raise RateLimitExceeded(error) from None
                 policy = RETRY_NEVER if received else RETRY_UNANSWERED
                 wait = _retry_wait(error, policy, attempt, self.retries, deadline)
@@ -472,7 +487,7 @@ class AsyncTokenFlowClient:
         the newest event in the stream, so a reconnect before the first event
         also misses nothing.
         """
-        end = None if timeout is None else time.monotonic() + timeout
+        end = None if timeout is None else time.monotonic() + _checked_timeout(timeout)
         last_id = since_id or (await self._newest_event_id() if reconnect else "")
         attempt = 0
         while True:
@@ -588,7 +603,7 @@ class TokenFlowClient:
                     request, timeout=remaining, metadata=self.metadata + tuple(metadata)
                 )
             except grpc.RpcError as error:
-                if _code(error) == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                if _rate_limited(error):
                     raise RateLimitExceeded(error) from None
                 raise
             headers = RateLimitInfo.from_metadata(call.initial_metadata(), call.trailing_metadata())
@@ -630,8 +645,7 @@ class TokenFlowClient:
                     yield message
                 return
             except grpc.RpcError as error:
-                code = _code(error)
-                if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                if _rate_limited(error):
                     raise RateLimitExceeded(error) from None
                 policy = RETRY_NEVER if received else RETRY_UNANSWERED
                 wait = _retry_wait(error, policy, attempt, self.retries, deadline)
@@ -672,7 +686,7 @@ class TokenFlowClient:
         reconnect: bool = True,
     ) -> Iterator[pb.WatchActivityResponse]:
         """Yield activity events; see AsyncTokenFlowClient.watch."""
-        end = None if timeout is None else time.monotonic() + timeout
+        end = None if timeout is None else time.monotonic() + _checked_timeout(timeout)
         last_id = since_id or (self._newest_event_id() if reconnect else "")
         attempt = 0
         while True:
