@@ -52,9 +52,9 @@ MAX_STREAM_ID_PART = 2**64 - 1
 
 _READ_COUNT = 500
 # How far ahead of the server's clock a since_id's time may be. Servers'
-# clocks differ a little, and a stream that lost its newest events (a
-# failover, a restore) leaves clients holding ids a little ahead of it;
-# such a watch waits until new events pass the id.
+# clocks differ a little. A stream that lost its newest events (a failover,
+# a restore) also leaves clients holding ids a little ahead of it, and such
+# a watch waits until new events pass the id.
 SINCE_ID_AHEAD_MS = 60_000
 _RETRY_MIN_SECONDS = 0.05
 _RETRY_MAX_SECONDS = 2.0

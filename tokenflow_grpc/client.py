@@ -262,7 +262,7 @@ def _watch_ended(code: grpc.StatusCode | None, end: float | None) -> bool:
 
 def _reconnect_wait(error: grpc.RpcError, attempt: int, last_id: str) -> float:
     """Return the wait before reconnecting a dropped watch, and log the reconnect,
-    so that a caller whose server stays away sees why its watch is silent."""
+    so that the log shows why a watch whose server stays away is silent."""
     wait = backoff_delay(attempt)
     details = error.details() if isinstance(error, (grpc.Call, grpc.aio.AioRpcError)) else ""
     logger.warning(

@@ -180,8 +180,8 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
         self.simulate_limit = SimulateLimit(core.redis, core.keys, settings, core.now_ms)
         # The tasks of the Generate calls running. When the drain runs out,
         # end_calls() cancels them and each ends with its own UNAVAILABLE,
-        # which tells clients that the call was counted; gRPC's cancellation
-        # at the end of server.stop() would not.
+        # which marks the call as counted. gRPC's cancellation at the end of
+        # server.stop() would carry no such mark.
         self._calls: set[asyncio.Task[Any]] = set()
         self.ending_calls = False
 
@@ -369,9 +369,9 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
     async def _check_replay_reachable(self, since_id: str) -> None:
         """Raise BackendUnavailableError when Valkey is unreachable.
 
-        A watch without since_id waits for Valkey to return; one with it
-        must read its replay, so it fails at once and can be retried, rather
-        than wait in the subscription for as long as the outage lasts.
+        A watch without since_id waits for Valkey to return. One with it must
+        read its replay first, so it fails at once, to be retried, instead of
+        waiting in the subscription for as long as the outage lasts.
         """
         error = await self.core.valkey_error()
         if error is not None:
