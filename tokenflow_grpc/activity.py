@@ -36,6 +36,7 @@ from tokenflow_grpc.errors import (
 from tokenflow_grpc.logs import RepeatLimiter
 from tokenflow_grpc.metrics import EVENTS_DROPPED, OPERATION_STREAM_READ, valkey_timer
 from tokenflow_grpc.tasks import stop_task
+from tokenflow_grpc.valkey import ping
 
 logger = logging.getLogger(__name__)
 
@@ -292,6 +293,18 @@ class ActivityHub:
             self._reader.stop()
             self._reader = None
 
+    async def check_readable(self, since_id: str) -> None:
+        """Raise BackendUnavailableError when the stream cannot be read now.
+
+        A watch without since_id waits for Valkey to return. One with it must
+        read its replay first, so it fails at once, to be retried, instead of
+        waiting in the subscription for as long as the outage lasts.
+        """
+        try:
+            await ping(self.redis)
+        except (RedisError, OSError) as error:
+            raise _replay_unavailable(since_id, error) from error
+
     async def replay(self, since_id: str, now_ms: int) -> Replay:
         """Return the events after since_id that are still in the stream.
 
@@ -320,10 +333,7 @@ class ActivityHub:
             )
             entries = await self.redis.xrange(self._stream_key, min=since_id, max="+")
         except (RedisError, OSError) as error:
-            raise BackendUnavailableError(
-                f"cannot read the activity stream after since_id {quoted(since_id)}: "
-                f"Valkey is unreachable ({error}); retry with the same since_id"
-            ) from error
+            raise _replay_unavailable(since_id, error) from error
         events = (ActivityEvent.from_entry(entry_id, fields) for entry_id, fields in entries)
         counted_from = parse_stream_id(anchor[0][0])[1] if anchor else after[1]
         return Replay(since_id, [event for event in events if event.order > after], counted_from)
@@ -468,3 +478,11 @@ class ActivityHub:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _RETRY_MAX_SECONDS)
         return None
+
+
+def _replay_unavailable(since_id: str, error: Exception) -> BackendUnavailableError:
+    """Return the error of a replay that Valkey could not serve."""
+    return BackendUnavailableError(
+        f"cannot read the activity stream after since_id {quoted(since_id)}: "
+        f"Valkey is unreachable ({error}); retry with the same since_id"
+    )

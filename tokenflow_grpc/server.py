@@ -17,7 +17,7 @@ from tokenflow_grpc import validation
 from tokenflow_grpc.activity import ActivityEvent, ActivityHub
 from tokenflow_grpc.auth import current_key, interceptors_for, redact_prompts
 from tokenflow_grpc.core import Clock, GenerateOptions, GenerateResult, TokenFlow
-from tokenflow_grpc.errors import BackendUnavailableError, ServerStoppingError, TokenFlowError
+from tokenflow_grpc.errors import ServerStoppingError, TokenFlowError
 from tokenflow_grpc.generator import GenerationRequest, Generator, SimulatedGenerator, Usage
 from tokenflow_grpc.health_service import HealthService
 from tokenflow_grpc.identity import client_identity
@@ -366,20 +366,6 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
             ],
         )
 
-    async def _check_replay_reachable(self, since_id: str) -> None:
-        """Raise BackendUnavailableError when Valkey is unreachable.
-
-        A watch without since_id waits for Valkey to return. One with it must
-        read its replay first, so it fails at once, to be retried, instead of
-        waiting in the subscription for as long as the outage lasts.
-        """
-        error = await self.core.valkey_error()
-        if error is not None:
-            raise BackendUnavailableError(
-                f"cannot read the activity stream after since_id {since_id!r}: "
-                f"Valkey is unreachable ({error}); retry with the same since_id"
-            )
-
     async def WatchActivity(
         self, request: pb.WatchActivityRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.WatchActivityResponse]:
@@ -387,7 +373,7 @@ class TokenFlowServicer(pb_grpc.TokenFlowServiceServicer):
         try:
             since_id, types = validation.watch_filter(request)
             if since_id:
-                await self._check_replay_reachable(since_id)
+                await self.core.hub.check_readable(since_id)
             self.watchers.acquire(client)
         except TokenFlowError as error:
             await abort(context, error)
@@ -534,6 +520,7 @@ class TokenFlowServer:
         self.metrics = MetricsServer(settings.metrics_address) if settings.metrics_address else None
         self.health = HealthService()
         self.servicer = TokenFlowServicer(self.core, self.settings, self.worker_id)
+        self._ending: asyncio.Future[None] | None = None
         self.monitor = HealthMonitor(core, self.health, settings, on_valkey_down)
         self.port = 0
 
@@ -622,7 +609,8 @@ class TokenFlowServer:
         and cancel every other call CALL_END_SECONDS later."""
         logger.warning("ending the calls still running")
         self.servicer.end_calls()
-        asyncio.ensure_future(self.server.stop(CALL_END_SECONDS))
+        # Kept, because the event loop holds only a weak reference to a task.
+        self._ending = asyncio.ensure_future(self.server.stop(CALL_END_SECONDS))
 
     async def stop(self, grace: float = 10.0) -> None:
         """Report NOT_SERVING, drain in-flight calls for up to grace seconds, then close."""
