@@ -39,7 +39,7 @@ CLUSTER_URLS: set[str] = set()
 
 
 def _redis_answers() -> bool:
-    """Return True when the local Redis answers PING and the run may use it
+    """Return True when the local Redis replies to PING and the run may use it
     (TOKENFLOW_TEST_LOCAL_REDIS=0 keeps the tests off it)."""
     if os.environ.get("TOKENFLOW_TEST_LOCAL_REDIS", "1") == "0":
         return False

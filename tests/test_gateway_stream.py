@@ -486,7 +486,7 @@ async def test_gateway_stop_lets_generate_stream_finish(
     assert lines[-1]["result"]["usage"]["completionTokens"] == 5
     assert len(lines) == 6
     assert generator.abandoned == 0
-    # A watch can resume, so it ends at once with an error line that says so.
+    # A watch can resume, so it ends at once, with an error line to resume by.
     watch_error = json.loads(watch_rest.splitlines()[-1])["error"]
     assert watch_error["code"] == grpc.StatusCode.UNAVAILABLE.value[0]
     assert "resume from the last event id" in watch_error["message"]

@@ -598,7 +598,7 @@ async def test_sigterm_under_load_loses_nothing(serve: Any, tmp_path: Path) -> N
             for _ in range(SHARED_CALLS)
         ]
         shared_outcomes = asyncio.gather(*(outcome_of(call) for call in shared))
-        # A waiter records its event only once it has the answer, but it is
+        # A waiter records its event only once it has the response, but it is
         # counted as a request as soon as it is admitted.
         await wait_for_requests(stub, len(calls) + SHARED_CALLS)
         in_flight = sum(not call.done() for call in [*calls, *shared])
@@ -639,5 +639,5 @@ async def test_sigterm_under_load_loses_nothing(serve: Any, tmp_path: Path) -> N
     assert int(stats["cache"].get("misses", 0)) == admitted + 1
     assert int(stats["cache"].get("hits", 0)) == SHARED_CALLS - 1
     assert int(stats["rateLimit"]["blockedTotal"]) == blocked
-    # Every generated answer was stored before the server let Valkey go.
+    # Every generated response was stored before the server closed Valkey.
     assert int(stats["cache"]["cachedKeys"]) == admitted + 1

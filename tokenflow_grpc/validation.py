@@ -87,7 +87,7 @@ def generation_request(message: AnyGenerateRequest, settings: Settings) -> Gener
 
     _raise_if(violations)
     if temperature == 0:
-        # -0.0 would otherwise give its own cache key and answer.
+        # -0.0 would otherwise get its own cache key and response.
         temperature = 0.0
     return GenerationRequest(message.prompt, model, temperature, max_tokens)
 

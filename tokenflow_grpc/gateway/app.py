@@ -119,7 +119,7 @@ class Gateway:
         self.openapi = build_openapi(self.routes)
         self._callables = {route.grpc_path: self._callable(route) for route in self.routes}
         self._health = health_pb2_grpc.HealthStub(channel)
-        # Open gRPC streams; the value says whether the stream can resume.
+        # Open gRPC streams, each mapped to True when it can resume.
         self._streams: dict[Any, bool] = {}
         self.closing = False
 

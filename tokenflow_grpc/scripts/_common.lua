@@ -230,11 +230,11 @@ end
 -- Read the cache entry, or take the single-flight lock when it is missing,
 -- and count the call as a hit or a miss in counters.
 -- A call that finds another request holding the lock waits for that
--- request's answer, so it counts as a hit at once; waiting is "1" for the
--- claims it makes while it waits, which count nothing more unless the call
--- takes the lock over (the holder failed), which moves it from the hits to
--- the misses. Every admitted call is thus in exactly one of the two, even
--- one that stops waiting early.
+-- request's response, so it counts as a hit at once. waiting is "1" for the
+-- claims it makes while it waits. Those count nothing more, unless the call
+-- takes the lock over because the holder failed, which moves it from the
+-- hits to the misses. Every admitted call is thus in exactly one of the two,
+-- even one that stops waiting early.
 -- Returns {outcome, cached text or false} where outcome is
 --   1 cache hit, 2 miss (the caller holds the lock and must generate),
 --   3 wait (another request holds the lock).
