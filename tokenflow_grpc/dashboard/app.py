@@ -147,6 +147,10 @@ class DashboardApp(App[None]):
         )
 
     async def on_unmount(self) -> None:
+        # Closing the connection cancels the watch call, and a watch worker not
+        # cancelled itself takes that for a reconnect and redraws widgets that
+        # the shutdown has already removed. So the workers stop first.
+        self.workers.cancel_all()
         if self.connection is not None:
             await self.connection.close()
 
